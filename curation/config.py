@@ -1,0 +1,303 @@
+"""Typed pipeline configuration.
+
+A pipeline recipe (pipelines/*.yaml) mirrors :class:`PipelineConfig`: every YAML key is a dataclass field, and
+every field has a default except ``input.path``. Loading collects *all* problems (unknown keys, wrong types,
+out-of-range values) and raises one :class:`ConfigError` that names each key and the file it came from, so a
+user fixes a recipe in one go instead of one error per run.
+
+``--set a.b=c`` overrides any key; the value is parsed as YAML (``--set crawl.threads=8`` is an int,
+``--set crawl.allow_private_addresses=true`` a bool).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MODALITIES = ("image", "video", "audio")
+INPUT_FORMATS = ("auto", "parquet", "csv", "jsonl", "img2dataset", "webdataset", "folder")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each naming the key and where it came from."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+@dataclass
+class InputConfig:
+    """Where the records come from.
+
+    Args:
+        path: a URL list (parquet, csv or jsonl file, or a folder of them), an img2dataset or webdataset output
+            folder (``*.tar`` shards), or a local folder of media files with ``<name>.txt`` captions beside them.
+        format: ``auto`` detects the kind from the path; set it to force one.
+        url_column / caption_column / modality_column: column names in a URL list; ``None`` accepts the usual
+            names (``url``/``URL``, ``caption``/``TEXT``, ``modality``).
+        default_modality: modality of records that do not say; ``auto`` guesses from the URL's file extension
+            and falls back to ``image``.
+        limit: read at most this many records (handy for a first try on a large list).
+    """
+
+    path: str = ""
+    format: str = "auto"
+    url_column: str | None = None
+    caption_column: str | None = None
+    modality_column: str | None = None
+    default_modality: str = "auto"
+    limit: int | None = None
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.path:
+            problems.append("path: required (a URL list, an img2dataset/webdataset folder or a media folder)")
+        if self.format not in INPUT_FORMATS:
+            problems.append(f"format: {self.format!r} is not one of {', '.join(INPUT_FORMATS)}")
+        if self.default_modality not in ("auto", *MODALITIES):
+            problems.append(f"default_modality: {self.default_modality!r} is not auto, image, video or audio")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit: must be >= 1, got {self.limit}")
+        return problems
+
+
+@dataclass
+class CrawlConfig:
+    """Download, probe and hash every record, and write webdataset shards.
+
+    Args:
+        shard_size: records per URL shard; a shard is the unit of parallel work, of output and of resume.
+        parallelism: shards crawled at once (Ray tasks); ``None`` uses the cluster's CPU count.
+        num_cpus: CPUs one shard task reserves in Ray; fractional so crawling leaves room for other stages.
+        threads: download threads per shard task.
+        connect_timeout_s / read_timeout_s: socket timeouts for each request.
+        max_bytes: size cap, enforced while streaming; larger files are rejected as ``too_large``.
+        max_redirects: redirects followed before ``too_many_redirects``.
+        retries / backoff_base_s / backoff_max_s: bounded retries with exponential backoff for timeouts,
+            connection errors, 429 (Retry-After honoured, capped by ``backoff_max_s``) and 5xx.
+        per_host_concurrency: requests in flight to one host at once, per shard task.
+        allow_private_addresses: allow loopback and private networks (off by default: a URL list must not make
+            the crawler reach into the cluster's own network). The demo and tests turn it on.
+        max_pixels: decompression-bomb guard; images declaring more pixels are rejected before decoding.
+        max_duration_s: longer video and audio clips are rejected.
+        user_agent: sent with every request.
+    """
+
+    shard_size: int = 1000
+    parallelism: int | None = None
+    num_cpus: float = 1.0
+    threads: int = 32
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    max_bytes: int = 64 * 2**20
+    max_redirects: int = 5
+    retries: int = 2
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    per_host_concurrency: int = 16
+    allow_private_addresses: bool = False
+    max_pixels: int = 64_000_000
+    max_duration_s: float = 3600.0
+    user_agent: str = "curation-crawler/0.1"
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("shard_size", "threads", "max_bytes", "per_host_concurrency", "max_pixels"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("connect_timeout_s", "read_timeout_s", "max_duration_s", "num_cpus"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("max_redirects", "retries", "backoff_base_s", "backoff_max_s"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.parallelism is not None and self.parallelism < 1:
+            problems.append(f"parallelism: must be >= 1 or null, got {self.parallelism}")
+        return problems
+
+
+@dataclass
+class RayConfig:
+    """Where the pipeline runs.
+
+    Args:
+        address: a Ray cluster address (``auto``, ``ray://host:10001``); ``None`` starts a local instance.
+        num_cpus: CPUs of the local instance (``None``: all of this machine's).
+        object_store_memory_mb: object store size of the local instance (``None``: Ray's default).
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory_mb: int | None = None
+
+    def validate(self) -> list[str]:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            return [f"num_cpus: must be >= 1, got {self.num_cpus}"]
+        return []
+
+
+@dataclass
+class PipelineConfig:
+    """A pipeline recipe: which stages run, in which order, on which input, with which settings."""
+
+    name: str = "pipeline"
+    description: str = ""
+    stages: list[str] = field(default_factory=lambda: ["crawl"])
+    input: InputConfig = field(default_factory=InputConfig)
+    crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> list[str]:
+        from curation.stages import STAGES
+
+        problems = []
+        if not self.stages:
+            problems.append("stages: at least one stage is required")
+        for i, name in enumerate(self.stages):
+            if name not in STAGES:
+                problems.append(f"stages[{i}]: unknown stage {name!r}; known: {', '.join(STAGES)}")
+        if len(set(self.stages)) != len(self.stages):
+            problems.append("stages: a stage is listed twice")
+        return problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_fingerprint(self, *sections: str) -> str:
+        """A short hash of some config sections: a completed stage records it, so a resumed run can tell
+        whether the stage's settings changed since."""
+        data = {s: self.to_dict()[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns the (possibly converted) value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where, problems)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            return tp()
+        return _build(tp, value, where, problems)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        problems.append(f"{where}: expected {_type_name(tp)}, got bool {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            problems.append(f"{where}: unknown key; known keys here: {', '.join(sorted(names))}")
+            continue
+        before = len(problems)
+        coerced = _coerce(value, hints[key], where, problems)
+        if len(problems) == before or dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = coerced
+        # else: leave the default in place so validate() still checks the other fields
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        for problem in obj.validate():
+            problems.append(f"{prefix}.{problem}" if prefix else problem)
+    return obj
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any, str]]:
+    """Parse ``a.b=c`` strings into (key path, YAML-parsed value, original text)."""
+    parsed = []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {text!r}: expected KEY.PATH=VALUE"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError([f"--set {text!r}: value is not valid YAML: {e}"]) from e
+        parsed.append((key.strip().split("."), value, text))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for path, value, _ in parse_overrides(overrides):
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):
+    """Load a pipeline recipe, apply ``--set`` overrides and validate everything.
+
+    Raises :class:`ConfigError` listing every problem as ``FILE: key.path: message``.
+    """
+    origin = str(path) if path else "<config>"
+    if data is None:
+        if path is None:
+            data = {}
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError([f"{origin}: no such file"])
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError([f"{origin}: not valid YAML: {e}"]) from e
+            if not isinstance(data, dict):
+                raise ConfigError([f"{origin}: the top level must be a mapping, got {type(data).__name__}"])
+    data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
+    problems: list[str] = []
+    config = _build(PipelineConfig, data, "", problems)
+    if problems:
+        override_keys = {".".join(p) for p, _, _ in parse_overrides(overrides or [])}
+        raise ConfigError(
+            [
+                f"{'--set' if any(p.startswith(k) for k in override_keys) else origin}: {p}"
+                for p in problems
+            ]
+        )
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
+    """Rebuild a config saved in run.json (already validated when it was written)."""
+    return load_config(data=data)

@@ -1,0 +1,76 @@
+"""The one stage contract.
+
+A stage reads the records its predecessor kept, writes its own output under ``RUN_DIR/<stage>/``, and accounts
+for every record it was given in ledger parts (``RUN_DIR/<stage>/ledger/*.parquet``): kept, or rejected with a
+reason. Work is split into shards; a shard's outputs are written to temporary names and renamed, then a small
+``done/<shard>.json`` marker is written last, so a killed run leaves either a finished shard or nothing that
+counts. The runner writes ``RUN_DIR/<stage>/_SUCCESS.json`` when the whole stage is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from curation.config import PipelineConfig
+from curation.fsutil import atomic_path, read_json, write_json  # noqa: F401  (re-exported for stages)
+
+log = logging.getLogger("curation")
+
+
+@dataclass
+class StageContext:
+    """What a stage needs to know about the run it is part of."""
+
+    run_dir: Path
+    config: PipelineConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+class Stage:
+    """Base class of every pipeline stage.
+
+    Subclasses set ``name`` (the stage's key in ``stages:`` and its folder), ``order`` (its place in the data
+    flow), ``config_sections`` (the config sections whose change makes a completed stage stale) and ``help``,
+    and implement :meth:`run`, which returns a summary dict with at least ``input``, ``kept`` and ``rejected``.
+    """
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 0
+    config_sections: ClassVar[tuple[str, ...]] = ()
+    help: ClassVar[str] = ""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.dir = ctx.stage_dir(self.name)
+
+    def run(self, input_stage: str) -> dict[str, Any]:
+        """Process the records kept by ``input_stage``; write outputs, ledger parts and shard markers."""
+        raise NotImplementedError
+
+    # -- shard bookkeeping shared by all stages -------------------------------------------------------------
+    def done_path(self, shard: str) -> Path:
+        return self.dir / "done" / f"{shard}.json"
+
+    def is_shard_done(self, shard: str) -> bool:
+        return self.done_path(shard).is_file()
+
+    def mark_shard_done(self, shard: str, summary: dict[str, Any]) -> None:
+        write_json(self.done_path(shard), {**summary, "shard": shard, "finished": time.time()})
+
+    def ledger_path(self, shard: str) -> Path:
+        return self.dir / "ledger" / f"{shard}.parquet"
+
+    @property
+    def success_path(self) -> Path:
+        return self.dir / "_SUCCESS.json"
+
+    def fingerprint(self) -> str:
+        return self.config.section_fingerprint("input", *self.config_sections)
