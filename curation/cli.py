@@ -62,7 +62,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if not state_path.is_file():
         raise ConfigError([f"{run_dir}: no run.json; start the run with `curation run PIPELINE.yaml --out {run_dir}`"])
     data = json.loads(state_path.read_text())["config"]
-    config = config_from_dict(apply_overrides(data, args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "out", None):  # `curation release RUN_DIR --out URL`
+        overrides.append(f"release.out={json.dumps(args.out)}")
+    config = config_from_dict(apply_overrides(data, overrides))
     if args.stage not in config.stages:
         config.stages = [s for s in config.stages if s != args.stage] + [args.stage]
     state = Run(config, run_dir).run(address=args.address, only=[args.stage])
@@ -210,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                            f"adjusted by --set): {stage.help}.")
         p.add_argument("run_dir")
         p.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+        if name == "release":
+            p.add_argument("--out", default=None, metavar="DIR_OR_URL",
+                           help="also publish the release to this folder or fsspec URL (s3://bucket/prefix); "
+                           "the same as --set release.out=...")  # fmt: skip
         _add_set(p)
         p.set_defaults(func=cmd_stage, stage=name)
     return parser

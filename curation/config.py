@@ -126,6 +126,123 @@ class CrawlConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """Scoring signals (filled in by the scoring stage)."""
+
+    def validate(self) -> list[str]:
+        return []
+
+
+@dataclass
+class FilterConfig:
+    """Which filter recipe decides (filled in by the filter stage)."""
+
+    def validate(self) -> list[str]:
+        return []
+
+
+@dataclass
+class FormatConfig:
+    """Turn the kept records into LLaVA-form instruction data (curation/instruct/).
+
+    Every record gets a projector pre-training conversation (a brief-description instruction from a pool, answered
+    with the caption) and an instruction conversation from one of ``generators``, both picked from the record's
+    uid, so the same run always formats the same way.
+
+    Args:
+        generators: the instruction generators a record may get (one each): ``caption`` (a caption question
+            answered with the caption), ``metadata_qa`` (a question answered from the probed width/height/duration/
+            fps/sample rate), ``multi_turn`` (the caption turn plus metadata questions). A generator with nothing to
+            ask about a record falls back to ``caption``.
+        seed: salt of the per-record picks; another seed gives another, equally reproducible, mix.
+        tokenizer: a LOCAL folder holding a trainer's tokenizer (transformers ``save_pretrained`` layout; never
+            downloaded). When set, samples also store ``input_ids`` and ``labels`` (media token -200, untrained
+            positions -100), so training never re-tokenizes.
+        max_tokens: with a tokenizer, longer instruction samples are rejected as ``too_many_tokens``.
+        system_prompt: system line of the ``vicuna_v1`` chat template used for pre-tokenizing; ``None``: LLaVA's.
+    """
+
+    generators: list[str] = field(default_factory=lambda: ["caption", "metadata_qa", "multi_turn"])
+    seed: int = 0
+    tokenizer: str | None = None
+    max_tokens: int | None = None
+    system_prompt: str | None = None
+
+    def validate(self) -> list[str]:
+        from curation.instruct.generators import GENERATORS
+
+        problems = []
+        if not self.generators:
+            problems.append("generators: at least one is required")
+        for i, name in enumerate(self.generators):
+            if name not in GENERATORS:
+                problems.append(f"generators[{i}]: unknown generator {name!r}; known: {', '.join(GENERATORS)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"max_tokens: must be >= 1 or null, got {self.max_tokens}")
+        if self.max_tokens is not None and self.tokenizer is None:
+            problems.append("max_tokens: needs format.tokenizer (tokens are counted with it)")
+        if self.tokenizer is not None and "://" in self.tokenizer:
+            problems.append(f"tokenizer: {self.tokenizer!r} must be a local folder (nothing is downloaded)")
+        return problems
+
+
+@dataclass
+class ReleaseConfig:
+    """A sharded, checksummed release of the formatted samples (RUN_DIR/release/, curation/release/).
+
+    Args:
+        name: the dataset's name in the card and manifest; ``None``: the pipeline's ``name``.
+        version: release version written into the card and manifest.
+        license: license named in the dataset card's metadata (``unknown`` until you set it).
+        max_shard_samples / max_shard_bytes: a webdataset shard is closed at whichever comes first.
+        exports: extra forms written to ``exports/`` with one media folder: ``llava`` (LLaVA JSON lists) and
+            ``sharegpt`` (LLaMA-Factory's sharegpt with ``dataset_info.json``).
+        out: also publish the finished release to this folder or fsspec URL (``s3://bucket/prefix``); the
+            release is always built in RUN_DIR/release first. ``curation release RUN_DIR --out URL`` sets it.
+        storage_options: fsspec options for ``out`` (e.g. ``{client_kwargs: {endpoint_url: ...}}``). They are
+            saved in run.json: keep credentials in the environment (AWS_ACCESS_KEY_ID ...), not here.
+        parallelism: shards written at once (Ray tasks); ``None``: the cluster's CPUs / ``num_cpus``.
+        num_cpus: CPUs one shard-writing task reserves in Ray.
+    """
+
+    name: str | None = None
+    version: str = "1.0.0"
+    license: str = "unknown"
+    max_shard_samples: int = 10_000
+    max_shard_bytes: int = 1_000_000_000
+    exports: list[str] = field(default_factory=list)
+    out: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    parallelism: int | None = None
+    num_cpus: float = 0.5
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("max_shard_samples", "max_shard_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        known_exports = ("llava", "sharegpt")
+        for i, name in enumerate(self.exports):
+            if name not in known_exports:
+                problems.append(f"exports[{i}]: unknown export {name!r}; known: {', '.join(known_exports)}")
+        if not isinstance(self.storage_options, dict):
+            problems.append(f"storage_options: expected a mapping, got {type(self.storage_options).__name__}")
+        if self.out is not None and "://" in self.out:
+            import fsspec
+
+            protocol = self.out.split("://", 1)[0]
+            if protocol not in fsspec.available_protocols():
+                problems.append(f"out: unknown filesystem protocol {protocol!r} in {self.out!r}")
+        if self.parallelism is not None and self.parallelism < 1:
+            problems.append(f"parallelism: must be >= 1 or null, got {self.parallelism}")
+        if self.num_cpus <= 0:
+            problems.append(f"num_cpus: must be > 0, got {self.num_cpus}")
+        if not self.version or "/" in self.version:
+            problems.append(f"version: must be a non-empty string without '/', got {self.version!r}")
+        return problems
+
+
+@dataclass
 class RayConfig:
     """Where the pipeline runs.
 
@@ -154,6 +271,10 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["crawl"])
     input: InputConfig = field(default_factory=InputConfig)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    format: FormatConfig = field(default_factory=FormatConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> list[str]:

@@ -153,10 +153,10 @@ class Run:
         state = self.load_state()
         state["status"] = "running"
         self.save_state(state)
-        state["input"] = self.ingest(state)
         completed: list[str] = []
         started_ray = False
         try:
+            state["input"] = self.ingest(state)
             for name in self.config.stages:
                 stage = get_stage(name)(self.ctx)
                 entry = state["stages"].setdefault(name, {"status": "pending"})

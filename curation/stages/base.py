@@ -13,9 +13,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from curation.config import PipelineConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 from curation.fsutil import atomic_path, read_json, write_json  # noqa: F401  (re-exported for stages)
 
 log = logging.getLogger("curation")
@@ -71,6 +74,33 @@ class Stage:
     @property
     def success_path(self) -> Path:
         return self.dir / "_SUCCESS.json"
+
+    # -- reading what earlier stages kept -----------------------------------------------------------------
+    def kept_records(self) -> dict[str, "pa.Table"]:
+        """The crawled records (schemas/record.schema.json) that every completed stage so far has kept, by crawl
+        shard. Media bytes stay in the crawl shards; read them with :meth:`read_media`."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        ledger = pq.read_table(self.ctx.run_dir / "ledger.parquet", columns=["uid", "status"])
+        kept = ledger.filter(pc.equal(ledger.column("status"), "kept")).column("uid")
+        out = {}
+        for path in sorted((self.ctx.run_dir / "crawl" / "shards").glob("*.parquet")):
+            table = pq.read_table(path)
+            out[path.stem] = table.filter(pc.is_in(table.column("uid"), value_set=kept))
+        return out
+
+    def read_media(self, shard: str) -> dict[str, bytes]:
+        """uid -> media bytes of one crawl shard (one sequential pass over the tar)."""
+        import tarfile
+
+        media = {}
+        with tarfile.open(self.ctx.run_dir / "crawl" / "shards" / f"{shard}.tar") as tf:
+            for member in tf:
+                key, _, ext = member.name.partition(".")
+                if ext not in ("txt", "json"):
+                    media[key] = tf.extractfile(member).read()
+        return media
 
     def fingerprint(self) -> str:
         return self.config.section_fingerprint("input", *self.config_sections)

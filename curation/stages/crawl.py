@@ -290,7 +290,7 @@ class CrawlStage(Stage):
                 fn_kwargs={"out_dir": str(self.dir), "cfg": cfg},
                 batch_size=1,
                 num_cpus=cfg.num_cpus,
-                concurrency=min(parallelism, len(items)),
+                compute=ray.data.TaskPoolStrategy(size=min(parallelism, len(items))),
             )
             for done, row in enumerate(ds.iter_rows(), 1):
                 s = json.loads(row["summary"])
