@@ -126,8 +126,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_ray_auth_token() -> None:
+    """Ray clusters started with token authentication (Ray's default for new clusters) refuse clients without
+    the token; the client only sends it in token mode. Turn that on when a token is at hand, so `curation
+    submit` works against an authenticated cluster without the user knowing Ray's variable names."""
+    import os
+
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit ``curation run`` as a Ray job; the project folder travels as the job's working_dir."""
+    _use_ray_auth_token()  # before importing ray, which reads the mode once
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     load_config(args.pipeline, args.overrides)  # fail here, not on the cluster, when the recipe is wrong
