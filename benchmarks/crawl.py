@@ -164,7 +164,7 @@ def main() -> None:
             # a fresh Ray instance per round: no worker process has img2dataset or PyAV imported yet
             if ray.is_initialized():
                 ray.shutdown()
-            ray.init(num_cpus=args.processes, include_dashboard=False, logging_level="WARNING")
+            ray.init(address="local", num_cpus=args.processes, include_dashboard=False, logging_level="WARNING")
             ray.data.DataContext.get_current().enable_progress_bars = False
             t_ours, counts = run_ours(url_list, work / "ours", args.images, args.processes, args.threads)
             if counts["kept"] != args.images:

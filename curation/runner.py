@@ -8,6 +8,7 @@ runs on Ray over the records its predecessor kept. After every stage the ledger 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -60,12 +61,14 @@ def init_ray(config: PipelineConfig, address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or config.ray.address
+    # "local" and not None: a bare ray.init() attaches to whatever cluster another process left running
+    address = address or config.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(
+            address="local",
             num_cpus=config.ray.num_cpus,
             object_store_memory=(config.ray.object_store_memory_mb or 0) * 2**20 or None,
             include_dashboard=False,
@@ -175,6 +178,9 @@ class Run:
                     break
                 if not started_ray:
                     started_ray = init_ray(self.config, address)
+                # the ledger must reflect exactly the completed stages: a stage folder deleted to redo it may
+                # still have rejects in the last assembled ledger
+                assemble_ledger(self.run_dir, completed)
                 log.info("%s: running", name)
                 t0 = time.time()
                 entry.update(status="running", started=t0)

@@ -57,8 +57,8 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 PROBE_FIELDS = ("ext", "mime", "width", "height", "duration_s", "fps", "num_frames", "sample_rate", "channels")
-# fixed tar member mtime: the same input gives byte-identical shards
-TAR_MTIME = 946684800.0
+# fixed tar member mtime: the same input gives byte-identical shards (an int: a float adds a PAX header a member)
+TAR_MTIME = 946684800
 
 
 def make_fetcher(cfg: CrawlConfig):

@@ -1,0 +1,328 @@
+"""Planning and writing the webdataset shards of a release.
+
+The plan is made once, on the driver, from metadata alone: every released sample in a fixed order (crawl shard,
+then record order), its ``.json``/``.txt`` members rendered, and its shard assigned. Samples are grouped into
+shard *series* by modality and file type (``image-jpg-000000.tar``, ``audio-wav-000000.tar``), because readers
+that infer one schema per dataset (HF datasets' webdataset loader) need every sample of a shard to have the same
+members. A series' shard is closed at ``max_shard_samples`` or ``max_shard_bytes``, whichever comes first.
+
+Each shard is then written by one task from its plan rows and the crawl shards' media, with a fixed member
+mtime, so the same run always gives the same bytes, whichever task writes a shard and whenever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.fsutil import atomic_path
+from curation.ledger import kept_row, rejected_row, write_part
+
+TAR_BLOCK = 512
+PLAN_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),  # the release shard, without .tar
+        ("crawl_shard", pa.string()),
+        ("modality", pa.string()),
+        ("ext", pa.string()),
+        ("sha256", pa.string()),
+        ("num_bytes", pa.int64()),
+        ("caption", pa.string()),
+        ("generator", pa.string()),
+        ("sample_json", pa.binary()),  # the .json member, as written
+    ]
+)
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("modality", pa.string()),
+        ("ext", pa.string()),
+        ("caption", pa.string()),
+        ("generator", pa.string()),
+        ("offset", pa.int64()),  # byte range of the whole sample (all its members) in the shard
+        ("size", pa.int64()),
+        ("media_offset", pa.int64()),  # byte range of the media file's data: one range request fetches it
+        ("media_size", pa.int64()),
+        ("sha256", pa.string()),
+        ("source", pa.string()),
+        ("url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("duration_s", pa.float64()),
+        ("fps", pa.float64()),
+        ("num_frames", pa.int32()),
+        ("sample_rate", pa.int32()),
+        ("channels", pa.int32()),
+    ]
+)
+RECORD_KEYS_FOR_INDEX = (
+    "source",
+    "url",
+    "width",
+    "height",
+    "duration_s",
+    "fps",
+    "num_frames",
+    "sample_rate",
+    "channels",
+)
+
+
+def padded(size: int) -> int:
+    """Bytes a member of ``size`` takes in a ustar archive (header block + data rounded up to blocks)."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def dumps(obj: Any) -> bytes:
+    """The one JSON encoding of a release: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def build_sample(record: dict[str, Any], formatted: dict[str, Any], scores: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``.json`` member of a release sample (schemas/instruction_sample.schema.json)."""
+    uid, modality = record["uid"], record["modality"]
+    sample: dict[str, Any] = {
+        "id": uid,
+        modality: f"{uid}.{record['ext']}",
+        "conversations": formatted["conversations"],
+        "pretrain_conversations": formatted["pretrain_conversations"],
+        "generator": formatted["generator"],
+        "record": record,
+    }
+    if scores:
+        sample["scores"] = scores
+    if formatted.get("input_ids") is not None:
+        sample["tokens"] = {k: formatted[k] for k in ("input_ids", "labels", "pretrain_input_ids", "pretrain_labels")}
+    return sample
+
+
+@dataclass
+class ShardPlan:
+    """What one release shard will hold: which crawl shards feed it, how many samples, and a hash of its plan
+    rows (a finished shard from an earlier attempt is reused only when the hash matches)."""
+
+    name: str
+    crawl_shards: list[str] = field(default_factory=list)
+    samples: int = 0
+    bytes: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256, repr=False)
+
+    @property
+    def plan_hash(self) -> str:
+        return self.hasher.hexdigest()
+
+
+def plan_release(
+    records: dict[str, pa.Table],
+    formatted_dir: Path,
+    scores: dict[str, dict[str, Any]],
+    plan_dir: Path,
+    max_samples: int,
+    max_bytes: int,
+) -> dict[str, ShardPlan]:
+    """Assign every kept record to a release shard and write the plan rows, one parquet per crawl shard.
+
+    Returns the shard plans by shard name, sorted. Raises RuntimeError when a kept record has no formatted
+    sample (the format stage keeps or rejects every record it is given, so that is a bug).
+    """
+    shards: dict[str, ShardPlan] = {}
+    open_shard: dict[str, ShardPlan] = {}  # series -> the shard being filled
+    series_count: Counter = Counter()
+    for crawl_shard, table in sorted(records.items()):
+        path = formatted_dir / f"{crawl_shard}.parquet"
+        formatted = {r["uid"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
+        rows = []
+        for record in table.to_pylist():
+            f = formatted.get(record["uid"])
+            if f is None:
+                raise RuntimeError(f"release: kept record {record['uid']} has no formatted sample in {path}")
+            sample_json = dumps(build_sample(record, f, scores.get(record["uid"])))
+            caption = record["caption"].encode("utf-8")
+            size = padded(record["num_bytes"]) + padded(len(sample_json)) + padded(len(caption))
+            series = f"{record['modality']}-{record['ext']}"
+            current = open_shard.get(series)
+            # a sample larger than max_bytes still gets a shard of its own
+            if current is None or current.samples >= max_samples or current.bytes + size > max_bytes:
+                current = ShardPlan(f"{series}-{series_count[series]:06d}")
+                series_count[series] += 1
+                open_shard[series] = shards[current.name] = current
+            current.samples += 1
+            current.bytes += size
+            if crawl_shard not in current.crawl_shards:
+                current.crawl_shards.append(crawl_shard)
+            current.hasher.update(record["uid"].encode() + record["sha256"].encode() + sample_json + b"\x00")
+            rows.append(
+                {
+                    "key": record["uid"],
+                    "shard": current.name,
+                    "crawl_shard": crawl_shard,
+                    "modality": record["modality"],
+                    "ext": record["ext"],
+                    "sha256": record["sha256"],
+                    "num_bytes": record["num_bytes"],
+                    "caption": record["caption"],
+                    "generator": f["generator"],
+                    "sample_json": sample_json,
+                }
+            )
+        with atomic_path(plan_dir / f"{crawl_shard}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp)
+    return dict(sorted(shards.items()))
+
+
+def read_plan(plan_dir: Path, crawl_shards: list[str], shard: str | None = None) -> list[dict[str, Any]]:
+    """Plan rows of ``crawl_shards`` in release order; only those of ``shard`` when given."""
+    rows = []
+    for crawl_shard in crawl_shards:
+        rows += [
+            r for r in pq.read_table(plan_dir / f"{crawl_shard}.parquet").to_pylist() if shard in (None, r["shard"])
+        ]
+    return rows
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+class WebDatasetShardWriter:
+    """Writes one release shard (``<release>/<shard>.tar``) from its plan rows.
+
+    Args:
+        run_dir: the run directory (media is read from ``crawl/shards/*.tar``).
+        release_dir: where the shard, its index part and its ledger part go.
+        export_media: also copy each sample's media to ``exports/media/`` (for the LLaVA/sharegpt exports).
+    """
+
+    def __init__(self, run_dir: Path, release_dir: Path, export_media: bool = False):
+        self.run_dir = Path(run_dir)
+        self.release_dir = Path(release_dir)
+        self.export_media = export_media
+        self.work = self.release_dir / "_work"
+
+    def write(self, shard: str, crawl_shards: list[str], score_columns: list[str]) -> dict[str, Any]:
+        """Write the shard; returns its summary (samples, size, sha256, rejects, plan hash)."""
+        import webdataset as wds
+
+        from curation.schemas import validator
+        from curation.stages.crawl import TAR_MTIME  # here: curation.stages imports this package
+
+        check = validator("instruction_sample")
+        rows = read_plan(self.work / "plan", crawl_shards, shard)
+        plan_hash = hashlib.sha256()
+        index, ledger, reasons = [], [], Counter()
+        pos = 0
+        with atomic_path(self.release_dir / f"{shard}.tar") as tmp, open(tmp, "wb") as raw:
+            f = _HashingFile(raw)
+            # an int mtime: a float one makes tarfile add a PAX header (1 KiB) to every member
+            sink = wds.TarWriter(f, mtime=int(TAR_MTIME))
+            for crawl_shard in crawl_shards:
+                group = [r for r in rows if r["crawl_shard"] == crawl_shard]
+                if not group:
+                    continue
+                with tarfile.open(self.run_dir / "crawl" / "shards" / f"{crawl_shard}.tar") as tf:
+                    for row in group:
+                        key = row["key"]
+                        plan_hash.update(key.encode() + row["sha256"].encode() + row["sample_json"] + b"\x00")
+                        data, reason, detail = self._media(tf, row)
+                        if reason is None:
+                            errors = sorted(check.iter_errors(json.loads(row["sample_json"])), key=str)
+                            if errors:
+                                reason, detail = "invalid_sample", f"{key}: {errors[0].message[:300]}"
+                        if reason is not None:
+                            reasons[reason] += 1
+                            ledger.append(rejected_row(key, "release", reason, detail))
+                            continue
+                        members = {row["ext"]: data, "json": row["sample_json"], "txt": row["caption"].encode()}
+                        offsets = {}
+                        start = pos
+                        for ext in sorted(members):  # TarWriter writes members in sorted order
+                            offsets[ext] = pos + TAR_BLOCK
+                            pos += padded(len(members[ext]))
+                        sink.write({"__key__": key, **members})
+                        if self.export_media:
+                            with atomic_path(self.release_dir / "exports" / "media" / f"{key}.{row['ext']}") as m:
+                                m.write_bytes(data)
+                        index.append(
+                            self._index_row(row, shard, start, pos - start, offsets[row["ext"]], score_columns)
+                        )
+                        ledger.append(kept_row(key, "release"))
+            if sink.tarstream.offset != pos:  # the offsets in the index would be wrong
+                raise RuntimeError(f"release shard {shard}: tar offset {sink.tarstream.offset} != computed {pos}")
+            sink.close()
+        with atomic_path(self.work / "index" / f"{shard}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(index, schema=index_schema(score_columns)), tmp)
+        write_part(self.release_dir / "ledger" / f"{shard}.parquet", ledger)
+        return {
+            "samples": len(index),
+            "rejected": len(ledger) - len(index),
+            "reasons": dict(sorted(reasons.items())),
+            "size": f.size,
+            "sha256": f.sha256.hexdigest(),
+            "plan_hash": plan_hash.hexdigest(),
+            "media_bytes": sum(r["media_size"] for r in index),
+        }
+
+    def _media(self, tf: tarfile.TarFile, row: dict[str, Any]) -> tuple[bytes | None, str | None, str | None]:
+        name = f"{row['key']}.{row['ext']}"
+        try:
+            data = tf.extractfile(tf.getmember(name)).read()
+        except KeyError:
+            return None, "media_missing", f"crawl shard {row['crawl_shard']}.tar has no member {name}"
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != row["sha256"]:
+            return (
+                None,
+                "checksum_mismatch",
+                f"{name} in crawl shard {row['crawl_shard']}.tar: sha256 {digest} != {row['sha256']}",
+            )
+        return data, None, None
+
+    @staticmethod
+    def _index_row(
+        row: dict[str, Any], shard: str, offset: int, size: int, media_offset: int, score_columns: list[str]
+    ) -> dict[str, Any]:
+        sample = json.loads(row["sample_json"])
+        scores = sample.get("scores") or {}
+        return {
+            "key": row["key"],
+            "shard": f"{shard}.tar",
+            "modality": row["modality"],
+            "ext": row["ext"],
+            "caption": row["caption"],
+            "generator": row["generator"],
+            "offset": offset,
+            "size": size,
+            "media_offset": media_offset,
+            "media_size": row["num_bytes"],
+            "sha256": row["sha256"],
+            **{k: sample["record"].get(k) for k in RECORD_KEYS_FOR_INDEX},
+            **{k: scores.get(k) for k in score_columns},
+        }
+
+
+def index_schema(score_columns: list[str]) -> pa.Schema:
+    """index.parquet: one row per released sample; the ledger's numeric columns follow as float64."""
+    schema = INDEX_SCHEMA
+    for name in score_columns:
+        schema = schema.append(pa.field(name, pa.float64()))
+    return schema
