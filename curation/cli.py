@@ -65,9 +65,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if getattr(args, "out", None):  # `curation release RUN_DIR --out URL`
         overrides.append(f"release.out={json.dumps(args.out)}")
+    if getattr(args, "recipe", None):  # `curation filter RUN_DIR --recipe filters/laion.yaml`
+        overrides.append(f"filter.recipe={json.dumps(args.recipe)}")
     config = config_from_dict(apply_overrides(data, overrides))
     if args.stage not in config.stages:
         config.stages = [s for s in config.stages if s != args.stage] + [args.stage]
+    from curation.stages import get_stage
+
+    prepare = getattr(get_stage(args.stage), "prepare_rerun", None)
+    if prepare is not None:  # e.g. re-filtering a finished run with another recipe
+        prepare(run_dir, config, reset_later=getattr(args, "reset_later", False))
     state = Run(config, run_dir).run(address=args.address, only=[args.stage])
     _print_outputs(run_dir, state)
     return 0
@@ -167,6 +174,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
         time.sleep(2)
 
 
+def cmd_models_bootstrap(args: argparse.Namespace) -> int:
+    from curation.models.bootstrap import KINDS, bootstrap
+
+    for kind, path in bootstrap(args.only or KINDS, force=args.force).items():
+        print(f"{kind:<5} {path}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from curation.models import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    for m in models:
+        if m["kind"] == "shipped":
+            state = "installed" if m["cached"] else "missing"
+        else:
+            state = "cached" if m["cached"] else "not trained yet: curation models bootstrap"
+        print(f"{m['name']:<22} {m['description']}\n{'':<22} {m['path']}  [{state}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from curation.stages import STAGES
 
@@ -229,8 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, metavar="DIR_OR_URL",
                            help="also publish the release to this folder or fsspec URL (s3://bucket/prefix); "
                            "the same as --set release.out=...")  # fmt: skip
+        if name == "filter":
+            p.add_argument("--recipe", default=None, help="re-filter with this filter recipe (a name in filters/ or "
+                           "a YAML path) from the stored scores; the same as --set filter.recipe=...")  # fmt: skip
+            p.add_argument("--reset-later", action="store_true",
+                           help="also reset stages that ran after the previous filter (format, release, ...)")
         _add_set(p)
         p.set_defaults(func=cmd_stage, stage=name)
+
+    p = sub.add_parser("models", help="the embedded models: train (bootstrap) or list them",
+                       description="Models the scorers use when none is configured: tiny image-text, audio-text and "
+                       "language models trained here on generated data (nothing is downloaded), cached in "
+                       "$CURATION_CACHE or ~/.cache/curation/models.")  # fmt: skip
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    q = msub.add_parser("bootstrap", help="train the embedded models (cached; a few minutes on 2 CPU cores)")
+    q.add_argument("--only", action="append", choices=["clip", "clap", "lm"], help="train only these (repeatable)")
+    q.add_argument("--force", action="store_true", help="retrain even if cached")
+    q.set_defaults(func=cmd_models_bootstrap)
+    q = msub.add_parser("list", help="list the embedded models, where they are cached, and the shipped text models")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_models_list)
     return parser
 
 

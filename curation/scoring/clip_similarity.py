@@ -1,0 +1,83 @@
+"""Image-text and video-text similarity with an open_clip model: the cosine of the media and caption embeddings.
+A video's embedding is the mean of its N uniformly sampled frames' (normalised) embeddings, re-normalised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from curation.scoring.base import EMBEDDING_TYPE, MEDIA_SCHEMA, Scorer, fill_rows, limit_threads, resolve_device
+from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_input
+
+
+class ClipSimilarityScorer(Scorer):
+    """CLIP similarity of image and video rows; fills ``clip_score`` and ``embedding`` (L2-normalised).
+
+    Args:
+        spec: the ``score.image_text`` model (``ScoreConfig.Model``).
+        has_gpu: whether Ray gave this actor a GPU.
+        drop_inputs: remove the decoded inputs from the batch afterwards (when no later scorer needs them).
+    """
+
+    name = "image_text"
+    schema = MEDIA_SCHEMA
+    modalities = ("image", "video")
+
+    def __init__(self, spec: Any, has_gpu: bool = False, drop_inputs: bool = False):
+        from curation.models.clip import load_clip
+
+        limit_threads(spec.num_cpus)
+        self.device, precision = resolve_device(spec, has_gpu)
+        self.model, self.tokenizer, cfg = load_clip(spec, self.device, precision)
+        self.dtype = next(self.model.parameters()).dtype
+        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        self.batch_size = spec.batch_size
+        self.drop_inputs = drop_inputs
+
+    def embed_media(self, arrays: list[np.ndarray]):
+        """Normalised embeddings of images (H, W, 3) and videos (F, H, W, 3), all frames in one forward pass."""
+        import torch
+        import torch.nn.functional as F
+
+        from curation.scoring.decode import ImagePreprocessor
+
+        frames = np.concatenate([a[None] if a.ndim == 3 else a for a in arrays])
+        x = ImagePreprocessor.to_tensor(frames, self.mean, self.std, self.device, self.dtype)
+        with torch.inference_mode():
+            emb = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        out, start = [], 0
+        for a in arrays:
+            n = 1 if a.ndim == 3 else a.shape[0]
+            out.append(F.normalize(emb[start : start + n].mean(0), dim=-1))
+            start += n
+        return torch.stack(out)
+
+    def embed_text(self, captions: list[str]):
+        import torch
+        import torch.nn.functional as F
+
+        tokens = self.tokenizer(captions).to(self.device)
+        with torch.inference_mode():
+            return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def score(self, arrays: list[np.ndarray], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, media embeddings) for decoded inputs and their captions."""
+        media = self.embed_media(arrays)
+        text = self.embed_text(captions)
+        return (media * text).sum(-1).cpu().numpy(), media.cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        todo, rows = media_rows(batch, self.modalities)
+        scores: list[float] = []
+        embeddings: list[list[float]] = []
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            arrays = [row_input(batch, rows, i) for i in chunk]
+            sims, embs = self.score(arrays, [rows["caption"][i] for i in chunk])
+            scores += [float(s) for s in sims]
+            embeddings += [e.astype(np.float32).tolist() for e in embs]
+        batch = fill_rows(batch, "clip_score", todo, scores, pa.float64())
+        batch = fill_rows(batch, "embedding", todo, embeddings, EMBEDDING_TYPE)
+        return batch.drop_columns(list(INPUT_COLUMNS)) if self.drop_inputs else batch

@@ -1,0 +1,292 @@
+"""Media decoding shared by the scorers and the bootstrap trainer, so a model is trained on exactly the inputs it
+scores: images through open_clip's own preprocessing, video as N frames sampled uniformly with PyAV, audio as
+mono float32 at the model's sample rate (PyAV's resampler)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+
+class DecodeError(ValueError):
+    """The media bytes cannot be decoded (a reject reason, not a bug)."""
+
+
+def image_transform(preprocess_cfg: dict[str, Any]):
+    """open_clip's whole inference transform (PIL image -> normalised tensor) for a preprocess config."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    keys = PreprocessCfg.__dataclass_fields__
+    return image_transform_v2(PreprocessCfg(**{k: v for k, v in preprocess_cfg.items() if k in keys}), is_train=False)
+
+
+class ImagePreprocessor:
+    """open_clip's inference preprocessing for one model, split in two: the geometric part (resize, crop) runs in
+    decode tasks and yields small uint8 arrays; :meth:`to_tensor` (scale and normalise) runs next to the model.
+    Together they equal open_clip's own transform."""
+
+    def __init__(self, preprocess_cfg: dict[str, Any]):
+        from open_clip.transform import PreprocessCfg
+
+        keys = PreprocessCfg.__dataclass_fields__
+        cfg = PreprocessCfg(**{k: v for k, v in preprocess_cfg.items() if k in keys})
+        steps = image_transform(preprocess_cfg).transforms
+        cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+        self.geometry = steps[:cut]
+        self.size = cfg.size if isinstance(cfg.size, int) else cfg.size[0]
+        self.mean = tuple(float(m) for m in cfg.mean)
+        self.std = tuple(float(s) for s in cfg.std)
+
+    def pixels(self, img) -> np.ndarray:
+        """RGB PIL image -> uint8 array (H, W, 3) at the model's input size."""
+        for step in self.geometry:
+            img = step(img)
+        return np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
+
+    @staticmethod
+    def to_tensor(pixels, mean, std, device="cpu", dtype=None):
+        """uint8 (N, H, W, 3) -> normalised float tensor (N, 3, H, W), computed on ``device``."""
+        import torch
+
+        x = torch.as_tensor(pixels, device=device).permute(0, 3, 1, 2).float().div_(255.0)
+        m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        x = (x - m) / s
+        return x.to(dtype) if dtype is not None else x
+
+
+def open_image(data: bytes, target_size: int | None = None):
+    """Decode image bytes to an RGB PIL image. ``target_size`` lets JPEG decode at a reduced scale (DCT scaling),
+    which is much faster for large photos and loses nothing the model would see."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        if target_size:
+            img.draft("RGB", (target_size * 2, target_size * 2))
+        img.load()
+    except Exception as e:  # PIL raises many types for bad input
+        raise DecodeError(f"image: {type(e).__name__}: {e}") from e
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def _uniform_indices(total: int, n: int) -> list[int]:
+    """``n`` frame indices spread evenly over ``total`` frames (centres of ``n`` equal segments)."""
+    if total <= 0:
+        return []
+    return [min(total - 1, int((i + 0.5) * total / n)) for i in range(n)]
+
+
+def sample_video_frames(data: bytes, n: int, num_frames: int | None = None, max_seconds: float = 600.0) -> list:
+    """``n`` RGB PIL frames sampled uniformly over the clip (always ``n``: short clips repeat frames).
+
+    ``num_frames`` (from the crawl probe) avoids a counting pass. Clips longer than ``max_seconds`` are sampled by
+    seeking instead of decoding every frame."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise DecodeError("video: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            duration = None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000
+            if duration is not None and duration > max_seconds:
+                return _seek_frames(container, stream, duration, n)
+            total = num_frames or stream.frames or 0
+            if total <= 0:  # unknown frame count: decode once, keep every frame small enough to hold
+                frames = [f.to_image() for f in container.decode(stream)]
+                if not frames:
+                    raise DecodeError("video: no frames decoded")
+                return [frames[i] for i in _uniform_indices(len(frames), n)]
+            wanted = _uniform_indices(total, n)
+            picked: dict[int, Any] = {}
+            last = None
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    picked[i] = frame.to_image()
+                last = (i, frame)
+                if i >= wanted[-1]:
+                    break
+            if last is None:
+                raise DecodeError("video: no frames decoded")
+            if len(picked) < len(set(wanted)):  # fewer frames than the container said: resample what we have
+                return sample_video_frames(data, n, num_frames=last[0] + 1, max_seconds=max_seconds)
+            return [picked[i] for i in wanted]
+    except DecodeError:
+        raise
+    except Exception as e:  # PyAV raises its own error types for broken streams
+        raise DecodeError(f"video: {type(e).__name__}: {e}") from e
+
+
+def _seek_frames(container, stream, duration: float, n: int) -> list:
+    frames = []
+    for i in range(n):
+        t = duration * (i + 0.5) / n
+        container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+        frame = None
+        for frame in container.decode(stream):
+            if frame.time is not None and frame.time >= t:
+                break
+        if frame is None:
+            raise DecodeError(f"video: no frame at {t:.1f} s")
+        frames.append(frame.to_image())
+    return frames
+
+
+def decode_audio(data: bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Mono float32 samples at ``sample_rate``; longer clips keep their first ``max_seconds`` (deterministic,
+    unlike a random crop)."""
+    import av
+
+    limit = int(max_seconds * sample_rate) if max_seconds else None
+    chunks: list[np.ndarray] = []
+    got = 0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                raise DecodeError("audio: no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    chunk = out.to_ndarray().reshape(-1)
+                    chunks.append(chunk)
+                    got += chunk.shape[0]
+                if limit is not None and got >= limit:
+                    break
+            else:
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"audio: {type(e).__name__}: {e}") from e
+    if not chunks:
+        raise DecodeError("audio: no samples decoded")
+    wave = np.concatenate(chunks).astype(np.float32, copy=False)
+    return wave[:limit] if limit is not None else wave
+
+
+# -- the decode step of the score pipeline (Ray Data tasks, apart from the model actors) -------------------------
+
+
+@dataclass
+class DecodePlan:
+    """What the decode tasks turn media into: the geometric preprocessing of the image-text model for images and
+    video frames (``None``: that modality is not scored), the number of frames, and the CLAP feature extractor
+    (a model folder or id; ``None``: audio is not scored)."""
+
+    image: dict[str, Any] | None = None
+    video: dict[str, Any] | None = None
+    video_frames: int = 8
+    audio_extractor: str | None = None
+
+
+INPUT_COLUMNS = ("inputs", "input_shape")
+
+
+@lru_cache(maxsize=4)
+def _image_preprocessor(cfg_json: str) -> ImagePreprocessor:
+    return ImagePreprocessor(json.loads(cfg_json))
+
+
+@lru_cache(maxsize=2)
+def _feature_extractor(source: str):
+    from transformers import ClapFeatureExtractor
+
+    return ClapFeatureExtractor.from_pretrained(source)
+
+
+def audio_features(feature_extractor, waves: list[np.ndarray]) -> np.ndarray:
+    """CLAP inputs (N, 1, T, F) for mono waveforms at the extractor's rate, each cut to the extractor's maximum
+    length first, so its random crop never runs and a score never changes from one run to the next."""
+    limit = feature_extractor.nb_max_samples
+    out = feature_extractor(
+        [w[:limit] for w in waves], sampling_rate=feature_extractor.sampling_rate, return_tensors="np"
+    )
+    return out["input_features"].astype(np.float32)
+
+
+def decode_one(data: bytes, modality: str, plan: DecodePlan, num_frames: int | None = None) -> np.ndarray | None:
+    """Model-ready array for one record: uint8 (H, W, 3) for an image, (F, H, W, 3) for a video, float32 (1, T, F)
+    features for audio; ``None`` when that modality is not scored. Raises :class:`DecodeError`."""
+    if modality == "image" and plan.image is not None:
+        pre = _image_preprocessor(json.dumps(plan.image, sort_keys=True))
+        return pre.pixels(open_image(data, pre.size))
+    if modality == "video" and plan.video is not None:
+        pre = _image_preprocessor(json.dumps(plan.video, sort_keys=True))
+        return np.stack([pre.pixels(f) for f in sample_video_frames(data, plan.video_frames, num_frames)])
+    if modality == "audio" and plan.audio_extractor is not None:
+        fe = _feature_extractor(plan.audio_extractor)
+        return audio_features(fe, [decode_audio(data, fe.sampling_rate, fe.nb_max_samples / fe.sampling_rate)])[0]
+    return None
+
+
+def decode_batch(batch, plan: DecodePlan):
+    """Ray Data batch function: read each record's media from its crawl shard (by tar offset) and decode it.
+
+    Adds ``inputs`` (the array's bytes), ``input_shape`` and ``undecodable`` (the reason media that the crawl
+    accepted still fails to decode; such records are rejected, never dropped)."""
+    import pyarrow as pa
+
+    rows = batch.to_pydict()
+    n = batch.num_rows
+    inputs: list[bytes | None] = [None] * n
+    shapes: list[list[int] | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    handles: dict[str, Any] = {}
+    try:
+        for i in range(n):
+            tar = rows["tar"][i]
+            f = handles.get(tar) or handles.setdefault(tar, open(tar, "rb"))
+            f.seek(rows["offset"][i])
+            data = f.read(rows["size"][i])
+            try:
+                arr = decode_one(data, rows["modality"][i], plan, rows["num_frames"][i])
+            except DecodeError as e:
+                errors[i] = str(e)[:500]
+                continue
+            if arr is not None:
+                inputs[i] = arr.tobytes()
+                shapes[i] = list(arr.shape)
+    finally:
+        for f in handles.values():
+            f.close()
+    keep = [c for c in batch.column_names if c not in ("tar", "offset", "size")]
+    out = batch.select(keep)
+    out = out.append_column("inputs", pa.array(inputs, pa.large_binary()))
+    out = out.append_column("input_shape", pa.array(shapes, pa.list_(pa.int32())))
+    return out.append_column("undecodable", pa.array(errors, pa.string()))
+
+
+def input_array(data, shape: list[int], modality: str) -> np.ndarray:
+    """The array :func:`decode_batch` stored for one row (``data``: bytes or a zero-copy ``pyarrow.Buffer``)."""
+    dtype = np.float32 if modality == "audio" else np.uint8
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def media_rows(batch, modalities: tuple[str, ...]) -> tuple[list[int], dict[str, list]]:
+    """Positions of the rows a media scorer handles (its modalities, decoded) and the plain columns it needs; the
+    ``inputs`` bytes stay in Arrow memory (read them with :func:`row_input`)."""
+    cols = {c: batch.column(c).to_pylist() for c in ("modality", "caption", "input_shape", "undecodable")}
+    todo = [
+        i for i, m in enumerate(cols["modality"])
+        if m in modalities and cols["input_shape"][i] is not None and cols["undecodable"][i] is None
+    ]  # fmt: skip
+    return todo, cols
+
+
+def row_input(batch, cols: dict[str, list], i: int) -> np.ndarray:
+    """Row ``i``'s decoded array, viewed without copying out of the batch."""
+    return input_array(batch.column("inputs")[i].as_buffer(), cols["input_shape"][i], cols["modality"][i])

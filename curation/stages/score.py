@@ -1,0 +1,276 @@
+"""Score: give every crawled pair the signals that decide whether it is worth training on.
+
+One Ray Data pipeline over the crawl shards, streaming:
+
+    shards -> index (tar offsets of the kept records)
+           -> decode (tasks: images and video frames through the image model's preprocessing, audio to CLAP
+              features; a record the crawl accepted but that cannot be decoded is marked ``undecodable``)
+           -> ClipSimilarityScorer (actors: image and video rows) -> ClapSimilarityScorer (actors: audio rows)
+           -> PerplexityScorer (actors) -> LanguageIdScorer (actors) -> text quality (tasks)
+           -> driver: per shard, once all its records are back, write
+                  score/ledger/<shard>.parquet      every record: kept with its scores, or rejected (undecodable)
+                  score/embeddings/<shard>.parquet  uid, modality, embedding (list<float32>, L2-normalised)
+                  score/done/<shard>.json           the shard is complete (resume skips it)
+
+Scores are computed once (DataJuicer's stats-then-filter split): the score stage rejects nothing for quality and
+the filter stage decides from the stored columns, so a new threshold never recomputes a score. Every actor
+reserves a fraction of a CPU (``score.<model>.num_cpus``) so all pools and the decode tasks fit on two cores at
+once; with GPUs, each model pool takes a GPU share and runs in fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.config import ScoreConfig
+from curation.fsutil import atomic_path
+from curation.ledger import kept_row, rejected_row, write_part
+from curation.stages.base import Stage, log
+
+MEDIA_SCORERS = {"image_text": ("image",), "video_text": ("video",), "audio_text": ("audio",)}
+EMBEDDINGS_SCHEMA = pa.schema([("uid", pa.string()), ("modality", pa.string()), ("embedding", pa.list_(pa.float32()))])
+RECORD_COLUMNS = ("uid", "shard", "modality", "caption", "num_frames")
+
+
+def index_shard(batch: pa.Table, crawl_dir: str) -> pa.Table:
+    """Ray Data batch function (one shard a call): the shard's kept records with the tar offset of their media."""
+    out = []
+    for shard, uids in zip(batch.column("shard").to_pylist(), batch.column("uids").to_pylist()):
+        wanted = set(uids)
+        records = pq.read_table(Path(crawl_dir) / "shards" / f"{shard}.parquet", columns=list(RECORD_COLUMNS))
+        tar = Path(crawl_dir) / "shards" / f"{shard}.tar"
+        offsets: dict[str, tuple[int, int]] = {}
+        with tarfile.open(tar) as tf:
+            for member in tf:
+                key, _, ext = member.name.partition(".")
+                if key in wanted and ext not in ("txt", "json"):
+                    offsets[key] = (member.offset_data, member.size)
+        if wanted - offsets.keys():
+            raise RuntimeError(f"{tar}: no media for {len(wanted - offsets.keys())} records the crawl kept")
+        rows = [r for r in records.to_pylist() if r["uid"] in wanted]
+        out.append(
+            pa.table(
+                {
+                    **{c: pa.array([r[c] for r in rows], records.schema.field(c).type) for c in RECORD_COLUMNS},
+                    "tar": pa.array([str(tar)] * len(rows), pa.string()),
+                    "offset": pa.array([offsets[r["uid"]][0] for r in rows], pa.int64()),
+                    "size": pa.array([offsets[r["uid"]][1] for r in rows], pa.int64()),
+                    "clip_score": pa.nulls(len(rows), pa.float64()),
+                    "embedding": pa.nulls(len(rows), pa.list_(pa.float32())),
+                }
+            )
+        )
+    return pa.concat_tables(out)
+
+
+def without_media(batch: pa.Table) -> pa.Table:
+    """Ray Data batch function for runs that score no media: drop the offsets, decode nothing."""
+    batch = batch.drop_columns(["tar", "offset", "size"])
+    return batch.append_column("undecodable", pa.nulls(batch.num_rows, pa.string()))
+
+
+SMALL_TASK_CPUS = 0.1  # reading shard indexes and text statistics: light work that must never wait for a core
+
+
+def _fit_cpus(pools: list[dict[str, Any]], decode_cpus: float, cluster_cpus: float) -> float:
+    """Scale the actors' CPU reservations (in place) and the decode tasks' so that every pool, one decode task and
+    the small tasks fit the cluster at once: otherwise actors holding every CPU would wait forever for decoded
+    batches no task can be scheduled to make. Returns the decode tasks' CPUs."""
+    need = sum(k["num_cpus"] * k["concurrency"] for k in pools) + decode_cpus + 2 * SMALL_TASK_CPUS
+    room = cluster_cpus - 2 * SMALL_TASK_CPUS
+    if need - 2 * SMALL_TASK_CPUS <= room:
+        return decode_cpus
+    factor = room / (need - 2 * SMALL_TASK_CPUS)
+    log.warning("score: the scorers ask for %.2f CPUs but the cluster has %s; scaling their reservations by %.2f",
+                need, cluster_cpus, factor)  # fmt: skip
+    for k in pools:
+        k["num_cpus"] *= factor
+    return decode_cpus * factor
+
+
+def _pool_kwargs(spec: ScoreConfig.Model, gpus: float, uses_gpu: bool = True) -> dict[str, Any]:
+    """Ray Data actor-pool arguments for one model: fractional CPUs always, a GPU share when the cluster has GPUs."""
+    on_gpu = uses_gpu and gpus > 0 and spec.device != "cpu"
+    num_gpus = (spec.num_gpus if spec.num_gpus is not None else 1 / 3) if on_gpu else 0
+    concurrency = spec.concurrency or (max(1, int(gpus)) if on_gpu else 1)
+    kwargs: dict[str, Any] = {"concurrency": concurrency, "num_cpus": spec.num_cpus, "batch_size": spec.batch_size}
+    if num_gpus:
+        kwargs["num_gpus"] = num_gpus
+    return kwargs
+
+
+def _map_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``map_batches`` arguments for an actor pool described by :func:`_pool_kwargs`."""
+    import ray
+
+    args = {k: v for k, v in kwargs.items() if k != "concurrency"}
+    return {**args, "compute": ray.data.ActorPoolStrategy(size=kwargs["concurrency"])}
+
+
+class ScoreStage(Stage):
+    """Media-text similarity (CLIP/CLAP), caption perplexity, language id and text-quality statistics."""
+
+    name = "score"
+    order = 20
+    config_sections = ("score",)
+    help = "score every pair: CLIP/CLAP similarity, caption perplexity, language id, text quality (nothing filtered)"
+
+    def embeddings_path(self, shard: str) -> Path:
+        return self.dir / "embeddings" / f"{shard}.parquet"
+
+    def run(self, input_stage: str = "crawl") -> dict[str, Any]:
+        cfg = self.config.score
+        records = self.kept_records()
+        pending = {s: t for s, t in records.items() if not self.is_shard_done(s)}
+        log.info("score: %d shards, %d already complete", len(records), len(records) - len(pending))
+        if pending:
+            self._score(cfg, pending)
+        totals: Counter = Counter()
+        reasons: Counter = Counter()
+        for shard in records:
+            s = json.loads(self.done_path(shard).read_text())
+            totals.update({k: s[k] for k in ("input", "kept", "rejected")})
+            reasons.update(s["reasons"])
+        return {**{k: totals[k] for k in ("input", "kept", "rejected")}, "shards": len(records),
+                "reasons": dict(sorted(reasons.items())), "scorers": list(cfg.scorers)}  # fmt: skip
+
+    # -- the pipeline --------------------------------------------------------------------------------------------
+    def _score(self, cfg: ScoreConfig, pending: dict[str, pa.Table]) -> None:
+        import pyarrow.compute as pc
+
+        started = time.time()
+        for shard in [s for s, t in pending.items() if t.num_rows == 0]:  # nothing left to score in it
+            self._write_shard(shard, pending.pop(shard), pa.table({"uid": pa.array([], pa.string())}), cfg, started)
+        if not pending:
+            return
+        ds = self.dataset(cfg, pending)
+        expected = {s: t.num_rows for s, t in pending.items()}
+        parts: dict[str, list[pa.Table]] = defaultdict(list)
+        got: Counter = Counter()
+        # shards finish in any order; each is written as soon as all its records are back, so memory holds only
+        # the shards in flight, however large the run
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for shard in set(batch.column("shard").to_pylist()):
+                part = batch.filter(pc.equal(batch.column("shard"), shard))
+                parts[shard].append(part)
+                got[shard] += part.num_rows
+                if got[shard] == expected[shard]:
+                    self._write_shard(shard, pending[shard], pa.concat_tables(parts.pop(shard)), cfg, started)
+
+    def dataset(self, cfg: ScoreConfig, pending: dict[str, pa.Table]):
+        """The Ray Data pipeline that scores the records of ``pending`` (crawl shard -> records), lazily; each
+        output row is a record with its scores (and ``embedding``, ``undecodable``)."""
+        import ray
+
+        from curation.scoring.decode import decode_batch
+        from curation.scoring.text_quality import text_quality_batch
+
+        present = {m for t in pending.values() for m in t.column("modality").to_pylist()}
+        media = [s for s in cfg.scorers if s in MEDIA_SCORERS and present & set(MEDIA_SCORERS[s])]
+        plan, pools = self._plan(cfg, media)
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        stages: list[tuple[type, dict[str, Any], dict[str, Any]]] = []  # (scorer class, constructor, pool args)
+        for i, (scorer_cls, spec) in enumerate(pools):
+            kwargs = _pool_kwargs(spec, gpus)
+            ctor = {"spec": spec, "has_gpu": "num_gpus" in kwargs, "drop_inputs": i == len(pools) - 1}
+            stages.append((scorer_cls, ctor, kwargs))
+        if "perplexity" in cfg.scorers:
+            from curation.scoring.perplexity import PerplexityScorer
+
+            kwargs = _pool_kwargs(cfg.perplexity, gpus)
+            stages.append((PerplexityScorer, {"spec": cfg.perplexity, "has_gpu": "num_gpus" in kwargs}, kwargs))
+        if "language" in cfg.scorers:
+            from curation.scoring.language import LanguageIdScorer
+
+            stages.append((LanguageIdScorer, {"spec": cfg.language}, _pool_kwargs(cfg.language, gpus, uses_gpu=False)))
+        decode_cpus = _fit_cpus([k for _, _, k in stages], cfg.decode_num_cpus, resources.get("CPU", 1))
+
+        items = [{"shard": s, "uids": t.column("uid").to_pylist()} for s, t in sorted(pending.items())]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # one small task at a time: each concurrent task would start (and import into) one more worker process
+        small = {"num_cpus": SMALL_TASK_CPUS, "compute": ray.data.TaskPoolStrategy(size=1)}
+        ds = ds.map_batches(index_shard, fn_kwargs={"crawl_dir": str(self.ctx.run_dir / "crawl")}, batch_size=1,
+                            batch_format="pyarrow", **small)  # fmt: skip
+        if pools:
+            ds = ds.map_batches(decode_batch, fn_kwargs={"plan": plan}, batch_size=cfg.decode_batch_size,
+                                batch_format="pyarrow", num_cpus=decode_cpus)  # fmt: skip
+        else:
+            ds = ds.map_batches(without_media, batch_format="pyarrow", **small)
+        for scorer_cls, ctor, kwargs in stages:
+            ds = ds.map_batches(scorer_cls, fn_constructor_kwargs=ctor, batch_format="pyarrow", **_map_args(kwargs))
+        if "text_quality" in cfg.scorers:
+            ds = ds.map_batches(text_quality_batch, batch_format="pyarrow", batch_size=256, **small)
+        return ds
+
+    def _plan(self, cfg: ScoreConfig, media: list[str]):
+        """The decode plan and the media scorer pools. Bootstrap models are trained here, on the driver, before
+        any actor starts (several actors must never race to train the same model)."""
+        from curation.models.bootstrap import KINDS, bootstrap
+        from curation.scoring.decode import DecodePlan
+
+        needed = []
+        if ("image_text" in media or "video_text" in media) and _is_bootstrap(cfg.image_text):
+            needed.append("clip")
+        if "audio_text" in media and _is_bootstrap(cfg.audio_text):
+            needed.append("clap")
+        if "perplexity" in cfg.scorers and _is_bootstrap(cfg.perplexity):
+            needed.append("lm")
+        if needed:
+            bootstrap([k for k in KINDS if k in needed])
+        plan = DecodePlan(video_frames=cfg.video_frames)
+        pools: list[tuple[type, ScoreConfig.Model]] = []
+        if "image_text" in media or "video_text" in media:
+            from curation.models.clip import clip_preprocess_cfg, resolve_clip
+            from curation.scoring.clip_similarity import ClipSimilarityScorer
+
+            preprocess = clip_preprocess_cfg(resolve_clip(cfg.image_text))
+            plan.image = preprocess if "image_text" in media else None
+            plan.video = preprocess if "video_text" in media else None
+            pools.append((ClipSimilarityScorer, cfg.image_text))
+        if "audio_text" in media:
+            from curation.models.hf import resolve_hf
+            from curation.scoring.clap_similarity import ClapSimilarityScorer
+
+            plan.audio_extractor = resolve_hf(cfg.audio_text, "clap")
+            pools.append((ClapSimilarityScorer, cfg.audio_text))
+        return plan, pools
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+    def _write_shard(self, shard: str, records: pa.Table, scored: pa.Table, cfg: ScoreConfig, started: float) -> None:
+        from curation.scoring import score_schema
+
+        schema = score_schema(cfg.scorers)
+        by_uid = {r["uid"]: r for r in scored.to_pylist()}
+        rows, embeddings, reasons = [], [], Counter()
+        for uid, modality in zip(records.column("uid").to_pylist(), records.column("modality").to_pylist()):
+            r = by_uid[uid]
+            scores = {f.name: r.get(f.name) for f in schema}
+            if r.get("undecodable"):
+                reasons["undecodable"] += 1
+                rows.append(rejected_row(uid, self.name, "undecodable", r["undecodable"], **scores))
+                continue
+            rows.append(kept_row(uid, self.name, **scores))
+            if cfg.embeddings and r.get("embedding") is not None:
+                embeddings.append({"uid": uid, "modality": modality, "embedding": r["embedding"]})
+        if cfg.embeddings:
+            with atomic_path(self.embeddings_path(shard)) as tmp:
+                pq.write_table(pa.Table.from_pylist(embeddings, schema=EMBEDDINGS_SCHEMA), tmp)
+        write_part(self.ledger_path(shard), rows, extra_schema=schema)
+        rejected = sum(reasons.values())
+        self.mark_shard_done(shard, {"input": len(rows), "kept": len(rows) - rejected, "rejected": rejected,
+                                     "reasons": dict(reasons), "embeddings": len(embeddings)})  # fmt: skip
+        log.info("score: shard %s done: %d records, %d undecodable (%.1f s since start)", shard, len(rows), rejected,
+                 time.time() - started)  # fmt: skip
+
+
+def _is_bootstrap(spec: ScoreConfig.Model) -> bool:
+    return spec.name == "bootstrap" and not spec.path and not spec.pretrained

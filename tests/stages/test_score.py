@@ -1,0 +1,228 @@
+"""The score stage: stored scores and embeddings (the dedup stage's contract), resume, undecodable media, the
+scorers' building blocks, and resource sizing that fits every actor pool on two cores."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.config import ScoreConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- building blocks ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.quick
+def test_decoders_sample_frames_resample_audio_and_reject_garbage(sample_dir, labels):
+    from curation.scoring.decode import DecodeError, decode_audio, open_image, sample_video_frames
+
+    video = next(r for r in labels if r["modality"] == "video" and r["defect"] is None)
+    frames = sample_video_frames((sample_dir / video["path"]).read_bytes(), 8)
+    assert len(frames) == 8 and frames[0].mode == "RGB"
+    assert len(sample_video_frames((sample_dir / video["path"]).read_bytes(), 64)) == 64  # short clip: repeats
+    audio = next(r for r in labels if r["modality"] == "audio" and r["defect"] is None)
+    attrs = json.loads(audio["attrs"])
+    wave = decode_audio((sample_dir / audio["path"]).read_bytes(), 16000)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(len(wave) / 16000 - attrs["duration"]) < 0.05
+    assert len(decode_audio((sample_dir / audio["path"]).read_bytes(), 16000, max_seconds=0.25)) == 4000
+    for fn in (lambda b: open_image(b), lambda b: sample_video_frames(b, 4), lambda b: decode_audio(b, 16000)):
+        with pytest.raises(DecodeError):
+            fn(b"\x5a\x71\x13\x07" + bytes(range(200)) * 20)
+
+
+@pytest.mark.quick
+def test_text_quality_statistics_follow_gopher():
+    from curation.scoring.text_quality import TextQualityScorer
+
+    texts = ["a small red circle in the top left, on a white background", "#@!zq $$ ^&*", "the the the the the the"]
+    out = TextQualityScorer()(pa.table({"caption": texts})).to_pydict()
+    assert out["text_words"] == [12, 1, 6]
+    assert out["text_alpha_words_ratio"][0] > 0.9 and out["text_alpha_words_ratio"][1] < 0.5
+    assert out["text_stop_words"][0] == 1 and out["text_type_token_ratio"][2] == pytest.approx(1 / 6)
+    assert out["text_dup_5gram_ratio"][2] > 0.1 and out["text_dup_5gram_ratio"][0] == 0
+
+
+@pytest.mark.quick
+def test_actor_pools_fit_the_cluster_and_take_gpus_when_there_are_some():
+    from curation.stages.score import SMALL_TASK_CPUS, _fit_cpus, _pool_kwargs
+
+    cfg = ScoreConfig()
+    models = [cfg.image_text, cfg.audio_text, cfg.perplexity, cfg.language]
+
+    def fits(cluster_cpus: float) -> bool:
+        pools = [_pool_kwargs(m, gpus=0) for m in models]
+        decode = _fit_cpus(pools, cfg.decode_num_cpus, cluster_cpus)
+        actors = sum(k["num_cpus"] * k["concurrency"] for k in pools)
+        # every pool, one decode task and the small index/text tasks can hold their CPUs at the same time
+        return actors + decode + 2 * SMALL_TASK_CPUS <= cluster_cpus + 1e-9 and decode > 0
+
+    assert fits(2) and fits(1)  # the defaults fit 2 cores untouched; 1 core gets scaled reservations
+    pools = [_pool_kwargs(m, gpus=0) for m in models]
+    assert _fit_cpus(pools, cfg.decode_num_cpus, 2) == cfg.decode_num_cpus
+    assert [k["num_cpus"] for k in pools] == [0.25] * 4 and all("num_gpus" not in k for k in pools)
+    gpu = _pool_kwargs(cfg.image_text, gpus=2)
+    assert gpu["num_gpus"] == pytest.approx(1 / 3) and gpu["concurrency"] == 2
+    assert "num_gpus" not in _pool_kwargs(cfg.language, gpus=2, uses_gpu=False)
+
+
+@pytest.mark.gpu
+def test_clip_scorer_on_gpu_matches_cpu(bootstrap_models, sample_dir, labels):
+    from curation.scoring.clip_similarity import ClipSimilarityScorer
+    from curation.scoring.decode import DecodePlan, decode_one
+
+    cpu = ClipSimilarityScorer(ScoreConfig.Model())
+    gpu = ClipSimilarityScorer(ScoreConfig.Model(), has_gpu=True)
+    assert gpu.device.startswith("cuda") and gpu.dtype != cpu.dtype  # fp16 by default on GPU
+    plan = DecodePlan(image=cpu.model.visual.preprocess_cfg)
+    rows = [r for r in labels if r["modality"] == "image" and r["defect"] is None][:16]
+    arrays = [decode_one((sample_dir / r["path"]).read_bytes(), "image", plan) for r in rows]
+    captions = [r["caption"] for r in rows]
+    assert np.allclose(cpu.score(arrays, captions)[0], gpu.score(arrays, captions)[0], atol=2e-2)
+
+
+@pytest.mark.quick
+def test_score_config_validates_with_keys():
+    from curation.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(data={"input": {"path": "x"}, "score": {"scorers": ["clip"], "video_frames": 0,
+                          "image_text": {"precision": "fp8", "batch_size": 0}}})  # fmt: skip
+    text = str(e.value)
+    assert "score.scorers[0]: unknown scorer 'clip'" in text and "score.video_frames: must be >= 1" in text
+    assert "score.image_text.precision: 'fp8'" in text and "score.image_text.batch_size: must be >= 1" in text
+    assert load_config(ROOT / "pipelines" / "score.yaml").stages == ["crawl", "score", "filter"]
+
+
+# -- the stage on the real pipeline ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_scored_record_has_its_signals(scored_run):
+    run_dir, state = scored_run
+    ledger = pq.read_table(run_dir / "ledger.parquet")
+    assert state["counts"]["input"] == ledger.num_rows == state["counts"]["kept"] + state["counts"]["rejected"]
+    for name in ("clip_score", "perplexity", "lang", "lang_score", "text_words", "text_alpha_words_ratio"):
+        assert name in ledger.column_names
+    scored = [r for r in ledger.to_pylist() if r["stage"] not in ("input", "crawl")]
+    assert len(scored) == state["stages"]["score"]["summary"]["input"] > 400
+    for r in scored:
+        assert -1.0 <= r["clip_score"] <= 1.0 and r["perplexity"] > 1 and 0 < r["lang_score"] <= 1, r
+        assert isinstance(r["lang"], str) and r["text_words"] >= 1
+    summary = state["stages"]["score"]["summary"]
+    assert summary["rejected"] == 0  # the score stage filters nothing: every crawled sample decodes
+
+
+@pytest.mark.slow
+def test_embeddings_for_dedup_are_l2_normalised_per_record(scored_run):
+    run_dir, _ = scored_run
+    files = sorted((run_dir / "score" / "embeddings").glob("*.parquet"))
+    assert [f.stem for f in files] == sorted(p.stem for p in (run_dir / "crawl" / "shards").glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    assert table.schema.field("uid").type == pa.string() and table.schema.field("modality").type == pa.string()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    kept = {r["uid"] for r in pq.read_table(run_dir / "ledger.parquet").to_pylist() if r["stage"] != "crawl"
+            and r["stage"] != "input"}  # fmt: skip
+    assert set(table.column("uid").to_pylist()) == kept and len(kept) == table.num_rows
+    from curation.schemas import validate
+
+    for row in table.slice(0, 20).to_pylist():
+        validate("embedding", row)
+    for modality in ("image", "video", "audio"):
+        rows = table.filter(pa.compute.equal(table.column("modality"), modality))
+        x = np.array(rows.column("embedding").to_pylist(), dtype=np.float32)
+        assert x.ndim == 2 and len(x) > 10
+        assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_recomputes_only_missing_shards_identically(scored_run, tmp_path):
+    from curation.runner import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_run[0], run_dir)
+    shard = sorted((run_dir / "score" / "done").glob("*.json"))[0].stem
+    before = pq.read_table(run_dir / "score" / "ledger" / f"{shard}.parquet")
+    before_emb = pq.read_table(run_dir / "score" / "embeddings" / f"{shard}.parquet")
+    others = {p.name: p.stat().st_mtime_ns for p in (run_dir / "score" / "ledger").glob("*.parquet")}
+    # as a killed run leaves it: one shard unfinished, the stage not complete
+    for p in (run_dir / "score" / "done" / f"{shard}.json", run_dir / "score" / "_SUCCESS.json",
+              run_dir / "filter" / "_SUCCESS.json"):  # fmt: skip
+        p.unlink()
+    shutil.rmtree(run_dir / "filter")
+    config = load_config(data=json.loads((run_dir / "run.json").read_text())["config"])
+    state = Run(config, run_dir).run()
+    assert state["status"] == "complete"
+    assert pq.read_table(run_dir / "score" / "ledger" / f"{shard}.parquet").equals(before)
+    assert pq.read_table(run_dir / "score" / "embeddings" / f"{shard}.parquet").equals(before_emb)
+    for p in (run_dir / "score" / "ledger").glob("*.parquet"):
+        if p.stem != shard:
+            assert p.stat().st_mtime_ns == others[p.name]  # finished shards were not redone
+
+
+@pytest.mark.slow
+def test_media_that_no_longer_decodes_is_rejected_not_dropped(scored_run, tmp_path):
+    """A record the crawl accepted but whose bytes fail to decode at scoring is rejected as ``undecodable``."""
+    from curation.runner import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_run[0], run_dir)
+    shard = sorted((run_dir / "crawl" / "shards").glob("*.tar"))[0]
+    with tarfile.open(shard) as tf:
+        victim = next(m for m in tf if m.name.endswith((".png", ".jpg", ".webp")))
+        uid = victim.name.partition(".")[0]
+    with open(shard, "r+b") as f:  # overwrite the image bytes in place, keeping the tar valid
+        f.seek(victim.offset_data)
+        f.write(bytes(victim.size))
+    shutil.rmtree(run_dir / "score")
+    shutil.rmtree(run_dir / "filter")
+    config = load_config(data=json.loads((run_dir / "run.json").read_text())["config"])
+    state = Run(config, run_dir).run()
+    row = next(r for r in pq.read_table(run_dir / "ledger.parquet").to_pylist() if r["uid"] == uid)
+    assert (row["status"], row["stage"], row["reason"]) == ("rejected", "score", "undecodable")
+    assert row["detail"].startswith("image:")
+    assert state["stages"]["score"]["summary"]["reasons"] == {"undecodable": 1}
+    assert state["counts"]["input"] == state["counts"]["kept"] + state["counts"]["rejected"]
+
+
+@pytest.mark.slow
+def test_scorers_match_their_bare_models(bootstrap_models, sample_dir, labels):
+    """A scorer's batch path (decode task -> actor) gives the same numbers as the model called directly."""
+    import torch
+
+    from curation.scoring.clip_similarity import ClipSimilarityScorer
+    from curation.scoring.decode import DecodePlan, decode_one
+
+    scorer = ClipSimilarityScorer(ScoreConfig.Model())
+    plan = DecodePlan(image=scorer.model.visual.preprocess_cfg)
+    rows = [r for r in labels if r["modality"] == "image" and r["path"].startswith("media/")][:8]
+    arrays = [decode_one((sample_dir / r["path"]).read_bytes(), "image", plan) for r in rows]
+    table = pa.table({
+        "modality": ["image"] * len(rows), "caption": [r["caption"] for r in rows],
+        "inputs": pa.array([a.tobytes() for a in arrays], pa.large_binary()),
+        "input_shape": [list(a.shape) for a in arrays], "undecodable": pa.nulls(len(rows), pa.string()),
+    })  # fmt: skip
+    out = scorer(table)
+    from curation.models.clip import load_clip
+    from curation.scoring.decode import image_transform, open_image
+
+    model, tokenizer, preprocess = load_clip(ScoreConfig.Model())
+    transform = image_transform(preprocess)  # open_clip's own transform, in one piece
+    x = torch.stack([transform(open_image((sample_dir / r["path"]).read_bytes(), 48)) for r in rows])
+    with torch.no_grad():
+        ref = (
+            model.encode_image(x, normalize=True)
+            * model.encode_text(tokenizer([r["caption"] for r in rows]), normalize=True)
+        ).sum(-1)
+    got = out.column("clip_score").to_pylist()
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(got, ref.tolist()))
