@@ -146,6 +146,8 @@ def _use_ray_auth_token() -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit ``curation run`` as a Ray job; the project folder travels as the job's working_dir."""
+    import time
+
     _use_ray_auth_token()  # before importing ray, which reads the mode once
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -156,12 +158,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     runtime_env: dict = {"working_dir": str(args.working_dir), "excludes": [".venv", "runs", ".git", "*.tar"]}
     client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    # a head that has just started answers before its job agent is up: retry that one error for a while
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted {job_id} to {args.address}: {entrypoint}")
     if args.no_wait:
         return 0
-    import time
-
     seen = 0
     while True:
         status = client.get_job_status(job_id)

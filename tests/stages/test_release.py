@@ -18,7 +18,7 @@ from curation.config import ConfigError
 from curation.instruct import MEDIA_TOKENS
 from curation.release import verify_release
 from curation.runner import Run
-from curation.schemas import validate
+from curation.schemas import SCHEMA_DIR, validate
 from curation.stages.release import ReleaseStage
 
 pytestmark = pytest.mark.slow
@@ -194,9 +194,9 @@ def test_manifest_card_and_schemas(released):
     assert {e["path"] for e in manifest["files"]} | {"manifest.json"} == set(files)
     assert manifest["counts"] == {"samples": 10, "shards": 5, "rejected": 0, "image": 6, "video": 2, "audio": 2}
     assert manifest["tokenizer"]["name"] == "tok" and manifest["tokenizer"]["media_token_index"] == -200
-    assert {p for p in files if p.startswith("schemas/")} == {
-        f"schemas/{n}.schema.json" for n in ("record", "ledger_row", "instruction_sample", "manifest")
-    }
+    # every schema the project publishes travels with the release
+    assert {p for p in files if p.startswith("schemas/")} == {f"schemas/{p.name}" for p in SCHEMA_DIR.glob("*.schema.json")}
+    assert {"schemas/record.schema.json", "schemas/instruction_sample.schema.json"} <= set(files)
     card = (release / "README.md").read_text()
     assert card.startswith("---\nlicense: unknown\n")
     for expected in ("# tiny set 1.0.0", "| format | 11 | 1 | 10 | media_token_mismatch 1 |", "| image | 6 | 3 |",
