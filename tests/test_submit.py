@@ -32,12 +32,16 @@ def ray_head():
     # a short temp dir: Ray's unix socket paths must stay under 107 bytes
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     port = free_port()
+    # every port of its own: the test session's Ray instance already holds the default agent ports, and a head
+    # whose job agent cannot bind answers every submission with "No available agent"
+    ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")]
     # the job's entrypoint runs `python` from the head's PATH: this venv's
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port=0",
          "--node-ip-address=127.0.0.1", "--num-cpus=1", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"],
+         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
