@@ -214,6 +214,19 @@ def _discard(resp: urllib3.BaseHTTPResponse) -> None:
     resp.release_conn()
 
 
+def _body_timeout(resp: urllib3.BaseHTTPResponse, status: int, content_type: str | None, cap_s: float) -> _Hop:
+    """The watchdog cut a body off: drop the connection (its stream is mid-body) and report a retryable timeout."""
+    resp.close()
+    resp.release_conn()
+    return _Hop(
+        status=status,
+        content_type=content_type,
+        error=reasons.TIMEOUT,
+        retryable=True,
+        detail=f"body not complete after {cap_s:g} s",
+    )
+
+
 def _describe_cause(exc: BaseException) -> str:
     """The most useful message in an exception chain (urllib3's own str() embeds object reprs)."""
     chain: list[BaseException] = []
@@ -604,27 +617,11 @@ class HttpFetcher:
             data = self._read_limited(resp, length, limit)
         except Exception:
             if _WATCHDOG.disarm(alarm):
-                resp.close()
-                resp.release_conn()
-                return _Hop(
-                    status=status,
-                    content_type=content_type,
-                    error=reasons.TIMEOUT,
-                    retryable=True,
-                    detail=f"body not complete after {cap_s:g} s",
-                )
+                return _body_timeout(resp, status, content_type, cap_s)
             raise
         if _WATCHDOG.disarm(alarm):
             # A shut-down socket also reads as a clean end of a close-delimited body: never trust it.
-            resp.close()
-            resp.release_conn()
-            return _Hop(
-                status=status,
-                content_type=content_type,
-                error=reasons.TIMEOUT,
-                retryable=True,
-                detail=f"body not complete after {cap_s:g} s",
-            )
+            return _body_timeout(resp, status, content_type, cap_s)
         if data is None:
             resp.close()
             resp.release_conn()

@@ -14,7 +14,6 @@ disk instead. Each input shard is one Ray Data task and gives one output shard:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -31,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.config import CrawlConfig
-from curation.ledger import kept_row, rejected_row, write_part
 from curation.fsutil import atomic_path
+from curation.ledger import kept_row, rejected_row, write_part
 from curation.stages.base import Stage, log
 
 RECORD_SCHEMA = pa.schema(
@@ -56,7 +55,6 @@ RECORD_SCHEMA = pa.schema(
         ("channels", pa.int32()),
     ]
 )
-PROBE_FIELDS = ("ext", "mime", "width", "height", "duration_s", "fps", "num_frames", "sample_rate", "channels")
 # fixed tar member mtime: the same input gives byte-identical shards (an int: a float adds a PAX header a member)
 TAR_MTIME = 946684800
 
@@ -216,7 +214,8 @@ def crawl_shard(shard: str, input_path: str, out_dir: str, cfg: CrawlConfig) -> 
                 reasons[reason] += 1
                 ledger_rows.append(rejected_row(uid, "crawl", reason, f"{row['url'] or row['local_path']}: {detail}"))
                 continue
-            meta = probe.to_dict()
+            # the probe's metadata fields, except modality, which the record already holds from the probe itself
+            meta = {k: v for k, v in probe.to_dict().items() if k != "modality"}
             record = {
                 "uid": uid,
                 "modality": probe.modality,
@@ -226,7 +225,7 @@ def crawl_shard(shard: str, input_path: str, out_dir: str, cfg: CrawlConfig) -> 
                 "shard": shard,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "num_bytes": len(data),
-                **{k: meta.get(k) for k in PROBE_FIELDS},
+                **meta,
             }
             sink.write(
                 {
