@@ -41,33 +41,26 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARDS, SMALL_FRACTION = 8, 1 / 8  # throughput: 8 shards in full minus the same shards cut to an eighth
-WORK_S, MAX_COPIES = 4.0, 100
+WORK_S, MAX_COPIES = {"tiny": 4.0, "base": 30.0}, 100  # seconds of bare-model work per timed run
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
 
 
-def media_folder(
-    sample: Path, out: Path, modalities: tuple[str, ...], copies: int = 1, limit: int | None = None
-) -> Path:
-    """A media folder (file + caption beside it) of the sample's clean items (the first ``limit`` of each
-    modality), hard-linked ``copies`` times."""
-    import pyarrow.parquet as pq
+def clean_media(sample: Path, out: Path, modalities: tuple[str, ...], copies: int = 1, limit: int | None = None):
+    """A media folder of the sample's clean items of ``modalities`` (the first ``limit`` of each), hard-linked
+    ``copies`` times."""
+    from curation.sample import media_folder
 
-    out.mkdir(parents=True, exist_ok=True)
     taken: dict[str, int] = {}
-    for r in pq.read_table(sample / "labels.parquet").to_pylist():
-        if r["modality"] not in modalities or r["defect"] is not None:
-            continue
-        taken[r["modality"]] = taken.get(r["modality"], 0) + 1
-        if limit is not None and taken[r["modality"]] > limit:
-            continue
-        src = sample / r["path"]
-        for c in range(copies):
-            dst = out / f"{r['id']}-{c}{src.suffix}"
-            os.link(src, dst)
-            dst.with_suffix(".txt").write_text(r["caption"])
-    return out
+
+    def keep(row: dict) -> bool:
+        if row["modality"] not in modalities or row["defect"] is not None:
+            return False
+        taken[row["modality"]] = taken.get(row["modality"], 0) + 1
+        return limit is None or taken[row["modality"]] <= limit
+
+    return media_folder(sample, out, keep, copies=copies, link=True)
 
 
 def crawled_run(folder: Path, run_dir: Path, shard_size: int = 128):
@@ -307,7 +300,7 @@ def memory_run(sample: Path, tmp: Path, copies: int) -> dict[str, float]:
     from curation.config import load_config
     from curation.runner import Run
 
-    folder = media_folder(sample, tmp / f"media-x{copies}", ("image", "video", "audio"), copies)
+    folder = clean_media(sample, tmp / f"media-x{copies}", ("image", "video", "audio"), copies)
     config = crawled_run(folder, tmp / f"run-x{copies}", shard_size=100)
     data = config.to_dict() | {"stages": ["crawl", "score"]}
     config = load_config(data=data)
@@ -323,7 +316,7 @@ def memory_run(sample: Path, tmp: Path, copies: int) -> dict[str, float]:
 # -- main -------------------------------------------------------------------------------------------------------------
 
 
-def throughput(size: str, sample: Path, tmp: Path, n_img: int) -> list[dict[str, Any]]:
+def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per scorer: pipeline and bare records/s on single-modality crawled runs."""
     from curation.stages.base import StageContext
     from curation.stages.score import ScoreStage
@@ -334,7 +327,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int) -> list[dict[str,
         counts = {"image": 192, "video": 24, "audio": 48}
     runs = {}
     for modality, limit in counts.items():
-        folder = media_folder(sample, tmp / f"{size}-media-{modality}", (modality,), limit=limit)
+        folder = clean_media(sample, tmp / f"{size}-media-{modality}", (modality,), limit=limit)
         run_dir = tmp / f"{size}-run-{modality}"
         runs[modality] = (crawled_run(folder, run_dir, shard_size=max(1, limit // SHARDS)), run_dir)
     overrides = base_models(tmp) if size == "base" else {}
@@ -342,6 +335,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int) -> list[dict[str,
             ("perplexity", "image", 128), ("language", "image", 512), ("text_quality", "image", 256)]  # fmt: skip
     if size == "base":  # no model behind language id and text quality: nothing to size up
         plan = plan[:4]
+    plan = [p for p in plan if only is None or p[0] in only]
     out = []
     for scorer, modality, batch in plan:
         config, run_dir = runs[modality]
@@ -354,7 +348,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int) -> list[dict[str,
         forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames)
         bare = bare_rate(forward, bs)
         # enough records for about WORK_S seconds of bare model work, so per-record costs dominate the timing
-        copies = max(1, min(MAX_COPIES, math.ceil(bare * WORK_S / len(rows))))
+        copies = max(1, min(MAX_COPIES, math.ceil(bare * WORK_S[size] / len(rows))))
         pipe = pipeline_rate(config, replicated_run(run_dir, copies))
         bare = statistics.median([bare, bare_rate(forward, bs)])  # before and after: the machine may be shared
         row = {"size": size, "scorer": scorer, "batch": bs, "records": pipe["records"],
@@ -372,6 +366,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=1024, help="clean images in the throughput sample (tiny)")
     ap.add_argument("--scale", type=int, default=10, help="input growth for the memory check")
     ap.add_argument("--memory-records", type=int, default=240, help="clean images for the memory check's 1x")
+    ap.add_argument("--scorers", nargs="+", default=None, help="only these scorers (default: all)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -394,7 +389,7 @@ def main() -> int:
         n_img = max(args.images, 192)
         generate_sample(sample, seed=7, n_image=n_img, n_video=n_img // 8, n_audio=n_img // 2, defect_rate=0.0)
         for size in ["tiny", "base"] if args.size == "both" else [args.size]:
-            results["throughput"] += throughput(size, sample, tmp, n_img)
+            results["throughput"] += throughput(size, sample, tmp, n_img, args.scorers)
         if not args.skip_memory:
             msample = tmp / "msample"
             n = args.memory_records

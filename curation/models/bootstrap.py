@@ -31,7 +31,7 @@ from curation.models.cache import atomic_dir, cache_root, file_lock
 
 log = logging.getLogger("curation")
 
-BOOTSTRAP_VERSION = "2"
+BOOTSTRAP_VERSION = "3"
 TRAIN_SEED = 1234  # the tests evaluate on seed 0: never train on it
 KINDS = ("clip", "clap", "lm")
 NAMES = {"clip": "tiny-clip", "clap": "tiny-clap", "lm": "tiny-lm"}
@@ -74,6 +74,8 @@ def ensure(kind: str, sample_dir: Path | None = None) -> Path:
             started = time.time()
             with _deterministic_torch():
                 info = TRAINERS[kind](sample, tmp)
+            if not any(tmp.glob("*.safetensors")):  # e.g. save_pretrained on a torch.distributed rank other than 0
+                raise RuntimeError(f"bootstrap: training {NAMES[kind]} wrote no weights into {tmp}")
             meta = {
                 "name": NAMES[kind],
                 "kind": kind,

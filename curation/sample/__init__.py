@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from curation.sample.generate import DEFECTS, generate_sample
+from curation.sample.media import media_folder
 
 if TYPE_CHECKING:
     from curation.sample.server import SampleServer, write_url_lists
 
-__all__ = ["DEFECTS", "SampleServer", "generate_sample", "write_url_lists"]
+__all__ = ["DEFECTS", "SampleServer", "generate_sample", "media_folder", "write_url_lists"]
 
 
 def __getattr__(name: str) -> Any:

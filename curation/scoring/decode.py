@@ -210,12 +210,40 @@ def _feature_extractor(source: str):
 
 def audio_features(feature_extractor, waves: list[np.ndarray]) -> np.ndarray:
     """CLAP inputs (N, 1, T, F) for mono waveforms at the extractor's rate, each cut to the extractor's maximum
-    length first, so its random crop never runs and a score never changes from one run to the next."""
-    limit = feature_extractor.nb_max_samples
-    out = feature_extractor(
-        [w[:limit] for w in waves], sampling_rate=feature_extractor.sampling_rate, return_tensors="np"
-    )
-    return out["input_features"].astype(np.float32)
+    length first, so its random crop never runs and a score never changes from one run to the next.
+
+    For unfused models (one log-mel input) the spectrogram is computed here, vectorised: the same frames, window,
+    filters and dB scale as the extractor's own frame-by-frame loop, about ten times faster."""
+    fe = feature_extractor
+    limit = fe.nb_max_samples
+    waves = [np.asarray(w, dtype=np.float32)[:limit] for w in waves]
+    if fe.truncation == "fusion" or fe.padding not in ("pad", "repeatpad", "repeat"):
+        out = fe(waves, sampling_rate=fe.sampling_rate, return_tensors="np")
+        return out["input_features"].astype(np.float32)
+    return np.stack([_log_mel(_pad(w, limit, fe.padding), fe)[None] for w in waves]).astype(np.float32)
+
+
+def _pad(wave: np.ndarray, length: int, how: str) -> np.ndarray:
+    """The extractor's padding of a short clip: ``repeat`` (tiled, cut), ``repeatpad`` (whole repeats, then
+    zeros) or ``pad`` (zeros)."""
+    if len(wave) == 0 or len(wave) >= length:
+        return np.pad(wave, (0, length - len(wave)))
+    if how == "repeat":
+        wave = np.tile(wave, length // len(wave) + 1)[:length]
+    elif how == "repeatpad":
+        wave = np.tile(wave, length // len(wave))
+    return np.pad(wave, (0, length - len(wave)))
+
+
+def _log_mel(wave: np.ndarray, fe) -> np.ndarray:
+    """(T, n_mels) log-mel power spectrogram in dB: centred frames (reflect padding), periodic Hann window, Slaney
+    mel filters and a 1e-10 floor, as ``ClapFeatureExtractor`` computes it for unfused models."""
+    n_fft, hop = fe.fft_window_size, fe.hop_length
+    x = np.pad(wave.astype(np.float64), (n_fft // 2, n_fft // 2), mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    power = np.abs(np.fft.rfft(frames * window, n=n_fft)) ** 2
+    return 10.0 * np.log10(np.maximum(power @ fe.mel_filters_slaney, 1e-10))
 
 
 def decode_one(data: bytes, modality: str, plan: DecodePlan, num_frames: int | None = None) -> np.ndarray | None:

@@ -42,6 +42,22 @@ def test_decoders_sample_frames_resample_audio_and_reject_garbage(sample_dir, la
 
 
 @pytest.mark.quick
+def test_fast_clap_features_equal_the_extractors_own(sample_dir, labels):
+    from transformers import ClapFeatureExtractor
+
+    from curation.models.bootstrap import tiny_clap_feature_extractor
+    from curation.scoring.decode import audio_features, decode_audio
+
+    paths = [sample_dir / r["path"] for r in labels if r["modality"] == "audio" and r["defect"] is None][:6]
+    laion = ClapFeatureExtractor(padding="repeatpad", truncation="rand_trunc")  # laion/clap-htsat-unfused's setup
+    for fe in (tiny_clap_feature_extractor(), laion):
+        waves = [decode_audio(p.read_bytes(), fe.sampling_rate) for p in paths]
+        ours = audio_features(fe, waves)
+        theirs = fe(waves, sampling_rate=fe.sampling_rate, return_tensors="np")["input_features"]
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-3
+
+
+@pytest.mark.quick
 def test_text_quality_statistics_follow_gopher():
     from curation.scoring.text_quality import TextQualityScorer
 
