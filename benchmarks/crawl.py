@@ -155,9 +155,7 @@ def main() -> None:
     server, base = start_server(work / "site")
     try:
         url_list = work / "urls.parquet"
-        pq.write_table(
-            pa.table({"url": [f"{base}/{p}" for p, _ in items], "caption": [c for _, c in items]}), url_list
-        )
+        pq.write_table(pa.table({"url": [f"{base}/{p}" for p, _ in items], "caption": [c for _, c in items]}), url_list)
         ours, theirs = [], []
         for r in range(args.rounds):
             t_i2d = run_img2dataset(url_list, work / "i2d", args.images, args.processes, args.threads)

@@ -65,7 +65,9 @@ def detect_format(path: Path) -> str:
     if path.is_file():
         fmt = URL_LIST_SUFFIXES.get(path.suffix.lower())
         if fmt is None:
-            raise ValueError(f"input.path {path}: cannot tell the format from the suffix {path.suffix!r}; set input.format")
+            raise ValueError(
+                f"input.path {path}: cannot tell the format from the suffix {path.suffix!r}; set input.format"
+            )
         return fmt
     if not path.is_dir():
         raise ValueError(f"input.path {path}: no such file or folder")

@@ -50,7 +50,15 @@ def kept_row(uid: str, stage: str, **scores: Any) -> dict[str, Any]:
 def rejected_row(
     uid: str, stage: str, reason: str, detail: str | None = None, dup_of: str | None = None, **scores: Any
 ) -> dict[str, Any]:
-    return {"uid": uid, "status": "rejected", "stage": stage, "reason": reason, "detail": detail, "dup_of": dup_of, **scores}
+    return {
+        "uid": uid,
+        "status": "rejected",
+        "stage": stage,
+        "reason": reason,
+        "detail": detail,
+        "dup_of": dup_of,
+        **scores,
+    }
 
 
 def read_parts(folder: Path) -> pa.Table | None:
@@ -118,8 +126,10 @@ def assemble_ledger(run_dir: Path, stages: list[str]) -> dict[str, int]:
         seen = apply(part, stage)
         if seen != expected:
             missing = len(expected - seen)
-            raise LedgerError(f"stage {stage}: its ledger accounts for {len(seen)} records but it was given "
-                              f"{len(expected)} ({missing} missing)")
+            raise LedgerError(
+                f"stage {stage}: its ledger accounts for {len(seen)} records but it was given "
+                f"{len(expected)} ({missing} missing)"
+            )
         expected = {u for u in expected if status[index[u]] != "rejected"}
     # records that passed every completed stage are kept
     status = [s if s is not None else "kept" for s in status]

@@ -17,15 +17,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.config import ConfigError, PipelineConfig
+from curation.fsutil import atomic_path, read_json, write_json
 from curation.inputs import read_input
 from curation.ledger import assemble_ledger, rejected_row, write_part
 from curation.stages import get_stage
-from curation.fsutil import atomic_path, read_json, write_json
 from curation.stages.base import StageContext
 
 log = logging.getLogger("curation")
@@ -116,8 +115,10 @@ class Run:
             record = read_json(done)
             if record["fingerprint"] != self.input_fingerprint():
                 raise ConfigError(
-                    [f"{self.run_dir}: this run directory was started on other input settings ({record['path']}); "
-                     "use a new --out for a new input"]
+                    [
+                        f"{self.run_dir}: this run directory was started on other input settings ({record['path']}); "
+                        "use a new --out for a new input"
+                    ]
                 )
             return record
         started = time.time()
@@ -145,8 +146,9 @@ class Run:
             "seconds": round(time.time() - started, 3),
         }
         write_json(done, record)
-        log.info("input: %d records in %d shards (%d unusable rows rejected)", table.num_rows, record["shards"],
-                 len(errors))
+        log.info(
+            "input: %d records in %d shards (%d unusable rows rejected)", table.num_rows, record["shards"], len(errors)
+        )
         return record
 
     # -- stages -----------------------------------------------------------------------------------------
@@ -167,9 +169,11 @@ class Run:
                     record = read_json(stage.success_path)
                     if record["fingerprint"] != stage.fingerprint():
                         raise ConfigError(
-                            [f"{self.run_dir}: stage {name} was completed with other settings; "
-                             "use a new --out, or delete "
-                             f"{stage.dir} to redo it"]
+                            [
+                                f"{self.run_dir}: stage {name} was completed with other settings; "
+                                "use a new --out, or delete "
+                                f"{stage.dir} to redo it"
+                            ]
                         )
                     log.info("%s: complete, skipped", name)
                     completed.append(name)
@@ -186,8 +190,9 @@ class Run:
                 entry.update(status="running", started=t0)
                 self.save_state(state)
                 summary = stage.run(completed[-1] if completed else "input")
-                entry.update(status="complete", finished=time.time(), seconds=round(time.time() - t0, 3),
-                             summary=summary)
+                entry.update(
+                    status="complete", finished=time.time(), seconds=round(time.time() - t0, 3), summary=summary
+                )
                 write_json(stage.success_path, {"fingerprint": stage.fingerprint(), "summary": summary})
                 completed.append(name)
                 state["counts"] = assemble_ledger(self.run_dir, completed)

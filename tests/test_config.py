@@ -42,7 +42,11 @@ def test_all_errors_are_reported_at_once_with_key_and_file(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(
         yaml.safe_dump(
-            {"stages": ["crawl", "nosuchstage"], "input": {"format": "xml"}, "crawl": {"threads": "many", "retries": -2, "typo": 1}}
+            {
+                "stages": ["crawl", "nosuchstage"],
+                "input": {"format": "xml"},
+                "crawl": {"threads": "many", "retries": -2, "typo": 1},
+            }
         )
     )
     with pytest.raises(ConfigError) as err:

@@ -51,7 +51,9 @@ def test_url_lists_in_every_format_give_the_same_records(tmp_path, fmt):
 
 def test_laion_column_names_and_explicit_modality(tmp_path):
     path = tmp_path / "laion.parquet"
-    pq.write_table(pa.table({"URL": ["http://h/x", "http://h/y"], "TEXT": ["one", "two"], "modality": ["audio", "bogus"]}), path)
+    pq.write_table(
+        pa.table({"URL": ["http://h/x", "http://h/y"], "TEXT": ["one", "two"], "modality": ["audio", "bogus"]}), path
+    )
     rows = read_input(InputConfig(path=str(path))).to_pylist()
     assert rows[0]["url"] == "http://h/x" and rows[0]["caption"] == "one" and rows[0]["modality"] == "audio"
     assert rows[1]["input_error"] == "bad_modality"

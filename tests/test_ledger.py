@@ -19,7 +19,9 @@ def make_run(tmp_path, n=5):
     ]  # fmt: skip
     (tmp_path / "input" / "records").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), tmp_path / "input" / "records" / "00000.parquet")
-    write_part(tmp_path / "input" / "ledger" / "input.parquet", [rejected_row(rows[0]["uid"], "input", "missing_caption", "x")])
+    write_part(
+        tmp_path / "input" / "ledger" / "input.parquet", [rejected_row(rows[0]["uid"], "input", "missing_caption", "x")]
+    )
     return [r["uid"] for r in rows]
 
 
@@ -53,10 +55,16 @@ def test_a_stage_that_drops_a_record_is_caught(tmp_path):
 
 def test_a_stage_that_invents_or_repeats_a_record_is_caught(tmp_path):
     uids = make_run(tmp_path)
-    write_part(tmp_path / "crawl" / "ledger" / "0.parquet", [kept_row(u, "crawl") for u in uids[1:]] + [kept_row("f" * 16, "crawl")])
+    write_part(
+        tmp_path / "crawl" / "ledger" / "0.parquet",
+        [kept_row(u, "crawl") for u in uids[1:]] + [kept_row("f" * 16, "crawl")],
+    )
     with pytest.raises(LedgerError, match="not an input record"):
         assemble_ledger(tmp_path, ["crawl"])
-    write_part(tmp_path / "crawl" / "ledger" / "0.parquet", [kept_row(u, "crawl") for u in uids[1:]] + [kept_row(uids[1], "crawl")])
+    write_part(
+        tmp_path / "crawl" / "ledger" / "0.parquet",
+        [kept_row(u, "crawl") for u in uids[1:]] + [kept_row(uids[1], "crawl")],
+    )
     with pytest.raises(LedgerError, match="twice"):
         assemble_ledger(tmp_path, ["crawl"])
 

@@ -34,8 +34,15 @@ def ray_head():
     port = free_port()
     # every port of its own: the test session's Ray instance already holds the default agent ports, and a head
     # whose job agent cannot bind answers every submission with "No available agent"
-    ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")]
+    ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
+    ]
     # the job's entrypoint runs `python` from the head's PATH: this venv's
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     head = subprocess.Popen(

@@ -18,7 +18,12 @@ def _scan() -> dict[str, type[Stage]]:
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, Stage) and obj is not Stage and obj.__module__ == module.__name__:
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, Stage)
+                and obj is not Stage
+                and obj.__module__ == module.__name__
+            ):
                 found[obj.name] = obj
     # pipeline order: a stage declares where it sits in the data flow
     return dict(sorted(found.items(), key=lambda kv: kv[1].order))

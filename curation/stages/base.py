@@ -76,7 +76,7 @@ class Stage:
         return self.dir / "_SUCCESS.json"
 
     # -- reading what earlier stages kept -----------------------------------------------------------------
-    def kept_records(self) -> dict[str, "pa.Table"]:
+    def kept_records(self) -> dict[str, pa.Table]:
         """The crawled records (schemas/record.schema.json) that every completed stage so far has kept, by crawl
         shard. Media bytes stay in the crawl shards; read them with :meth:`read_media`."""
         import pyarrow.compute as pc

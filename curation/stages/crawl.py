@@ -295,7 +295,13 @@ class CrawlStage(Stage):
                 s = json.loads(row["summary"])
                 log.info(
                     "crawl: shard %s done (%d/%d): %d kept, %d rejected %s in %.1f s",
-                    s["shard"], done, len(pending), s["kept"], s["rejected"], s["reasons"] or "", s["seconds"],
+                    s["shard"],
+                    done,
+                    len(pending),
+                    s["kept"],
+                    s["rejected"],
+                    s["reasons"] or "",
+                    s["seconds"],
                 )
         totals: Counter = Counter()
         reasons: Counter = Counter()

@@ -92,7 +92,10 @@ def test_shards_hold_every_kept_record_with_valid_metadata(crawled, sample_dir, 
             assert "." not in uid
         seen |= set(records)
     assert seen == kept
-    by_modality = {m: sum(1 for r in labels if r["modality"] == m and not r["expected_crawl_reason"]) for m in ("image", "video", "audio")}
+    by_modality = {
+        m: sum(1 for r in labels if r["modality"] == m and not r["expected_crawl_reason"])
+        for m in ("image", "video", "audio")
+    }
     assert all(n > 0 for n in by_modality.values())
 
 
@@ -112,13 +115,26 @@ def test_img2dataset_output_folder_as_input(sample_server, labels, tmp_path, ray
 
     clean = [r for r in labels if r["modality"] == "image" and r["defect"] is None][:20]
     urls = tmp_path / "urls.parquet"
-    pq.write_table(pa.table({"url": [f"{sample_server.base_url}/{r['path']}" for r in clean],
-                             "caption": [r["caption"] for r in clean]}), urls)
+    pq.write_table(
+        pa.table(
+            {"url": [f"{sample_server.base_url}/{r['path']}" for r in clean], "caption": [r["caption"] for r in clean]}
+        ),
+        urls,
+    )
     i2d_out = tmp_path / "i2d"
     img2dataset.download(
-        url_list=str(urls), input_format="parquet", url_col="url", caption_col="caption", output_format="webdataset",
-        output_folder=str(i2d_out), processes_count=1, thread_count=4, resize_mode="no", number_sample_per_shard=8,
-        distributor="multiprocessing", timeout=5,
+        url_list=str(urls),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        output_folder=str(i2d_out),
+        processes_count=1,
+        thread_count=4,
+        resize_mode="no",
+        number_sample_per_shard=8,
+        distributor="multiprocessing",
+        timeout=5,
     )
     state = run_crawl(tmp_path / "run", i2d_out)
     assert state["counts"] == {"input": 20, "kept": 20, "rejected": 0}

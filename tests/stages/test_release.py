@@ -195,7 +195,9 @@ def test_manifest_card_and_schemas(released):
     assert manifest["counts"] == {"samples": 10, "shards": 5, "rejected": 0, "image": 6, "video": 2, "audio": 2}
     assert manifest["tokenizer"]["name"] == "tok" and manifest["tokenizer"]["media_token_index"] == -200
     # every schema the project publishes travels with the release
-    assert {p for p in files if p.startswith("schemas/")} == {f"schemas/{p.name}" for p in SCHEMA_DIR.glob("*.schema.json")}
+    assert {p for p in files if p.startswith("schemas/")} == {
+        f"schemas/{p.name}" for p in SCHEMA_DIR.glob("*.schema.json")
+    }
     assert {"schemas/record.schema.json", "schemas/instruction_sample.schema.json"} <= set(files)
     card = (release / "README.md").read_text()
     assert card.startswith("---\nlicense: unknown\n")
