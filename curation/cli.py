@@ -1,10 +1,10 @@
 """The ``curation`` command line.
 
-    curation run PIPELINE.yaml --out RUN_DIR [--set key.path=value ...] [--address RAY_ADDRESS]
-    curation sample --out DIR [--seed N]
-    curation demo [--out runs/demo]
-    curation submit PIPELINE.yaml --address http://HOST:8265 --out RUN_DIR
-    curation <stage> RUN_DIR          one subcommand per stage (crawl, ...), run alone on a run directory
+curation run PIPELINE.yaml --out RUN_DIR [--set key.path=value ...] [--address RAY_ADDRESS]
+curation sample --out DIR [--seed N]
+curation demo [--out runs/demo]
+curation submit PIPELINE.yaml --address http://HOST:8265 --out RUN_DIR
+curation <stage> RUN_DIR          one subcommand per stage (crawl, ...), run alone on a run directory
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ def _print_outputs(run_dir: Path, state: dict) -> None:
     print(f"\nrun {state.get('status')}: {run_dir}")
     print(f"  records: {counts.get('input')} in, {counts.get('kept')} kept, {counts.get('rejected')} rejected")
     for name, entry in state.get("stages", {}).items():
-        reasons = entry.get("summary", {}).get("reasons")
-        print(f"  {name:<8} {entry.get('status'):<9} {entry.get('seconds', '-')} s  {reasons or ''}")
+        summary = entry.get("summary", {})
+        detail = summary.get("reasons") or "; ".join(  # the trainer's stages: steps and loss first -> last
+            f"{k}: {v['steps']} steps, loss {v['first_loss']:.3f} -> {v['last_loss']:.3f}"
+            for k, v in summary.items()
+            if isinstance(v, dict) and v.get("last_loss") is not None
+        )
+        print(f"  {name:<8} {entry.get('status'):<9} {entry.get('seconds', '-')} s  {detail}")
     print(f"  ledger:  {run_dir / 'ledger.parquet'}")
     print(f"  run:     {run_dir / 'run.json'}")
     for name in state.get("stages", {}):
@@ -218,18 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run a pipeline; re-running on the same --out resumes",
-                       description="Run PIPELINE.yaml into RUN_DIR. Re-running on the same RUN_DIR skips completed "
-                       "stages and shards and finishes the rest. Outputs: run.json, ledger.parquet, one folder a stage.")
+    p = sub.add_parser(
+        "run",
+        help="run a pipeline; re-running on the same --out resumes",
+        description="Run PIPELINE.yaml into RUN_DIR. Re-running on the same RUN_DIR skips completed "
+        "stages and shards and finishes the rest. Outputs: run.json, ledger.parquet, one folder a stage.",
+    )
     p.add_argument("pipeline", help="a pipeline recipe, e.g. pipelines/demo.yaml")
     p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
     _add_set(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("sample", help="write the embedded sample data set (media, captions, labelled defects)",
-                       description="Generate the embedded sample: images, short videos and audio clips with captions, "
-                       "URL lists (parquet, csv, jsonl) and labels.parquet marking every injected defect.")
+    p = sub.add_parser(
+        "sample",
+        help="write the embedded sample data set (media, captions, labelled defects)",
+        description="Generate the embedded sample: images, short videos and audio clips with captions, "
+        "URL lists (parquet, csv, jsonl) and labels.parquet marking every injected defect.",
+    )
     p.add_argument("--out", required=True, help="folder to write the sample to")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     p.add_argument("--base-url", default="http://127.0.0.1:8642", help="server address written into the URL lists")
@@ -237,9 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8642, help="port for --serve")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("demo", help="generate and serve the sample, then run pipelines/demo.yaml on it",
-                       description="The one-command tour: writes the embedded sample, serves it on 127.0.0.1, runs "
-                       "pipelines/demo.yaml through every stage and prints where the outputs are.")
+    p = sub.add_parser(
+        "demo",
+        help="generate and serve the sample, then run pipelines/demo.yaml on it",
+        description="The one-command tour: writes the embedded sample, serves it on 127.0.0.1, runs "
+        "pipelines/demo.yaml through every stage and prints where the outputs are.",
+    )
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--sample", default="runs/sample", help="sample folder (default: runs/sample)")
     p.add_argument("--seed", type=int, default=0)
@@ -248,9 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("submit", help="submit a pipeline run as a Ray job to a cluster",
-                       description="Submit `curation run PIPELINE --out RUN_DIR` to a Ray cluster's job server; "
-                       "the current folder is shipped as the job's working_dir. RUN_DIR is a path on the cluster.")
+    p = sub.add_parser(
+        "submit",
+        help="submit a pipeline run as a Ray job to a cluster",
+        description="Submit `curation run PIPELINE --out RUN_DIR` to a Ray cluster's job server; "
+        "the current folder is shipped as the job's working_dir. RUN_DIR is a path on the cluster.",
+    )
     p.add_argument("pipeline")
     p.add_argument("--address", required=True, help="job server, e.g. http://HOST:8265")
     p.add_argument("--out", required=True, help="run directory as seen by the cluster (shared storage)")
@@ -260,9 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     for name, stage in STAGES.items():
-        p = sub.add_parser(name, help=f"run the {name} stage alone: {stage.help}",
-                           description=f"Run the {name} stage alone on RUN_DIR (its config comes from RUN_DIR/run.json, "
-                           f"adjusted by --set): {stage.help}.")
+        p = sub.add_parser(
+            name,
+            help=f"run the {name} stage alone: {stage.help}",
+            description=f"Run the {name} stage alone on RUN_DIR (its config comes from RUN_DIR/run.json, "
+            f"adjusted by --set): {stage.help}.",
+        )
         p.add_argument("run_dir")
         p.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
         if name == "release":
@@ -272,8 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "filter":
             p.add_argument("--recipe", default=None, help="re-filter with this filter recipe (a name in filters/ or "
                            "a YAML path) from the stored scores; the same as --set filter.recipe=...")  # fmt: skip
-            p.add_argument("--reset-later", action="store_true",
-                           help="also reset stages that ran after the previous filter (format, release, ...)")
+            p.add_argument(
+                "--reset-later",
+                action="store_true",
+                help="also reset stages that ran after the previous filter (format, release, ...)",
+            )
         _add_set(p)
         p.set_defaults(func=cmd_stage, stage=name)
 

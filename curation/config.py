@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from curation.train.args import TrainConfig
 
 MODALITIES = ("image", "video", "audio")
 INPUT_FORMATS = ("auto", "parquet", "csv", "jsonl", "img2dataset", "webdataset", "folder")
@@ -593,6 +594,7 @@ class PipelineConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> list[str]:
@@ -729,10 +731,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         override_keys = {".".join(p) for p, _, _ in parse_overrides(overrides or [])}
         raise ConfigError(
-            [
-                f"{'--set' if any(p.startswith(k) for k in override_keys) else origin}: {p}"
-                for p in problems
-            ]
+            [f"{'--set' if any(p.startswith(k) for k in override_keys) else origin}: {p}" for p in problems]
         )
     return config
 
