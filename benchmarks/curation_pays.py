@@ -58,7 +58,7 @@ def main() -> int:
     generate_sample(work / "sample", seed=0, **sizes)
     generate_sample(work / "heldout-sample", seed=1, **sizes)
     filtering = "score" in STAGES and "filter" in STAGES
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
         uncurated = run_pipeline(media_folder(work / "sample", work / "media-all", lambda r: True),
                                  work / "uncurated", ["crawl"])  # fmt: skip

@@ -1,5 +1,11 @@
-"""Trainer throughput: samples/s of stage 1 or 2 on a release, and on a GPU the model FLOPs utilisation
-(6 x parameters x tokens / time / the device's peak bf16 FLOPs).
+"""Trainer throughput: samples/s of stage 1 or 2 on a release, beside its bound, and on a GPU the model FLOPs
+utilisation (the usual 6 x parameters x tokens / time / the device's peak bf16 FLOPs; it counts the frozen
+towers' and LM's weight gradients as if they were computed, so it overstates the work of stage 1).
+
+The bound, measured in the same run: the same model's bare training step (forward, backward, optimizer step) in
+this process on micro-batches decoded beforehand and held in memory, with the threads one worker gets, times the
+number of workers (ideal data parallelism, no data loading, no gradient sync). The ratio shows what data loading,
+DDP and Ray Train cost.
 
     .venv/bin/python benchmarks/train.py --release runs/demo/release --stage pretrain --steps 10
     .venv/bin/python benchmarks/train.py --steps 10         # builds a small release from a generated sample
@@ -51,7 +57,7 @@ def main() -> int:
     from curation.train.model import build_model
 
     work = Path(tempfile.mkdtemp(prefix="curation-train-bench-"))
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
         release = Path(args.release) if args.release else _small_release(work, args.n_image)
         refs = index_shards(sorted(release.glob("*.tar")))
@@ -65,6 +71,7 @@ def main() -> int:
         train_stage(cfg, args.stage, refs, work / args.stage)
     finally:
         ray.shutdown()
+    bare = bare_samples_per_s(cfg, args.stage, refs, args.micro_batch, args.steps)
     rows = [json.loads(x) for x in (work / args.stage / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows  # the first step pays for worker start-up and the first decode
     sps = statistics.median(r["samples_per_s"] for r in steady)
@@ -75,6 +82,8 @@ def main() -> int:
     print(f"train benchmark: stage {args.stage}, {len(refs)} samples, {args.steps} steps x {args.global_batch} "
           f"samples, {args.workers} workers on {device}")  # fmt: skip
     print(f"  samples/s (median of steps 2..{len(rows)}): {sps:.2f}")
+    print(f"  bound: bare step on in-memory batches x {args.workers} workers: {bare * args.workers:.2f} samples/s; "
+          f"ratio {sps / (bare * args.workers):.2f}")  # fmt: skip
     print(f"  tokens/s: {tokens_per_s:.0f}; parameters (towers + projectors + LM): {params:,}")
     if peak is None:
         print("  MFU: n/a on CPU" if device == "cpu" else f"  MFU: n/a (no peak FLOPs known for {device})")
@@ -82,6 +91,41 @@ def main() -> int:
         # every worker has its own GPU: the peak scales with the workers
         print(f"  MFU: {6 * params * tokens_per_s / (peak * args.workers):.2%} (peak {peak / 1e12:.0f} TFLOP/s bf16)")
     return 0
+
+
+def bare_samples_per_s(cfg, stage_name: str, refs: list, micro_batch: int, steps: int) -> float:
+    """Samples/s of one worker's bare training step (median over ``steps``) on pre-decoded micro-batches."""
+    import time
+
+    import torch
+
+    from curation.train.data import ConversationDataset, collate
+    from curation.train.model import build_model, configure_trainable
+
+    torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    stage = getattr(cfg, stage_name)
+    model, tokenizer, info = build_model(cfg.model, {r.modality for r in refs})
+    configure_trainable(model, stage)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr)
+    dataset = ConversationDataset(refs, tokenizer, stage.template, info["media_tokens"], info,
+                                  min(cfg.model.max_length, info["context"]), cfg.model.video_frames)  # fmt: skip
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = [collate([dataset[j] for j in range(i, min(i + micro_batch, len(refs)))], pad_id=pad)
+               for i in range(0, len(refs), micro_batch)]  # fmt: skip
+    times = []
+    for step in range(steps + 1):
+        batch = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(batch["samples"] / (time.perf_counter() - t0))
+    return statistics.median(times[1:])  # the first step pays for lazy initialisation
 
 
 def _small_release(work: Path, n_image: int) -> Path:
