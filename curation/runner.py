@@ -180,7 +180,7 @@ class Run:
                     continue
                 if only and name not in only:
                     break
-                if not started_ray:
+                if stage.needs_ray and not started_ray:
                     started_ray = init_ray(self.config, address)
                 # the ledger must reflect exactly the completed stages: a stage folder deleted to redo it may
                 # still have rejects in the last assembled ledger

@@ -48,6 +48,7 @@ class Stage:
     order: ClassVar[int] = 0
     config_sections: ClassVar[tuple[str, ...]] = ()
     help: ClassVar[str] = ""
+    needs_ray: ClassVar[bool] = True  # False: runs in the driver alone, so a run of only such stages starts no Ray
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx

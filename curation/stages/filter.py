@@ -32,6 +32,7 @@ class FilterStage(Stage):
     order = 40
     config_sections = ("filter",)
     help = "apply a filter recipe (thresholds and percentiles per modality) to the stored scores"
+    needs_ray = False
 
     def recipe(self):
         from curation.filtering import load_recipe

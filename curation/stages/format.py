@@ -103,6 +103,7 @@ class FormatStage(Stage):
     order = 50
     config_sections = ("format",)
     help = "turn kept records into LLaVA-form instruction data (optionally pre-tokenized)"
+    needs_ray = False
 
     def run(self, input_stage: str) -> dict[str, Any]:
         cfg = self.config.format

@@ -163,6 +163,7 @@ def test_rejects_name_the_failing_signal_and_value(scored_run):
 def test_refilter_from_stored_scores_in_seconds_without_models(scored_run, tmp_path, monkeypatch, capsys):
     import curation.models.clip
     import curation.models.hf
+    import curation.runner
     from curation.cli import main
 
     run_dir = tmp_path / "run"
@@ -175,6 +176,11 @@ def test_refilter_from_stored_scores_in_seconds_without_models(scored_run, tmp_p
     for module, name in ((curation.models.clip, "load_clip"), (curation.models.hf, "load_clap"),
                          (curation.models.hf, "load_causal_lm")):  # fmt: skip
         monkeypatch.setattr(module, name, no_models)
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("re-filtering must not start Ray")
+
+    monkeypatch.setattr(curation.runner, "init_ray", no_ray)
     started = time.time()
     assert main(["filter", str(run_dir), "--recipe", str(ROOT / "filters" / "datacomp.yaml")]) == 0
     assert time.time() - started < 30

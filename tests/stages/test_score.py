@@ -50,7 +50,8 @@ def test_fast_clap_features_equal_the_extractors_own(sample_dir, labels):
 
     paths = [sample_dir / r["path"] for r in labels if r["modality"] == "audio" and r["defect"] is None][:6]
     laion = ClapFeatureExtractor(padding="repeatpad", truncation="rand_trunc")  # laion/clap-htsat-unfused's setup
-    for fe in (tiny_clap_feature_extractor(), laion):
+    fused = ClapFeatureExtractor()  # transformers' default: fusion, 4 channels
+    for fe in (tiny_clap_feature_extractor(), laion, fused):
         waves = [decode_audio(p.read_bytes(), fe.sampling_rate) for p in paths]
         ours = audio_features(fe, waves)
         theirs = fe(waves, sampling_rate=fe.sampling_rate, return_tensors="np")["input_features"]
