@@ -33,12 +33,16 @@ class LedgerError(RuntimeError):
     """A stage lost or invented records: always a bug, never bad input."""
 
 
-def write_part(path: Path, rows: list[dict[str, Any]], extra_schema: pa.Schema | None = None) -> None:
-    """Write one ledger part. ``rows`` carry the :data:`PART_SCHEMA` fields and optionally score columns."""
+def write_part(path: Path, rows: list[dict[str, Any]] | pa.Table, extra_schema: pa.Schema | None = None) -> None:
+    """Write one ledger part. ``rows`` (dicts, or a table built column-wise) carry the :data:`PART_SCHEMA` fields
+    and optionally the score columns of ``extra_schema``."""
     schema = PART_SCHEMA
     for f in extra_schema or []:
         schema = schema.append(f)
-    table = pa.Table.from_pylist(rows, schema=schema)
+    if isinstance(rows, pa.Table):
+        table = rows.select(schema.names).cast(schema)
+    else:
+        table = pa.Table.from_pylist(rows, schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 

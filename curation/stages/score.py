@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from curation.config import ScoreConfig
 from curation.fsutil import atomic_path
-from curation.ledger import kept_row, rejected_row, write_part
+from curation.ledger import LedgerError, write_part
 from curation.stages.base import Stage, log
 
 MEDIA_SCORERS = {"image_text": ("image",), "video_text": ("video",), "audio_text": ("audio",)}
@@ -246,29 +246,43 @@ class ScoreStage(Stage):
 
     # -- outputs -------------------------------------------------------------------------------------------------
     def _write_shard(self, shard: str, records: pa.Table, scored: pa.Table, cfg: ScoreConfig, started: float) -> None:
+        """The shard's ledger part (every record, its scores, undecodable media rejected) and its embeddings,
+        built column-wise: the driver does this for every record of the run, so no per-record Python."""
+        import pyarrow.compute as pc
+
         from curation.scoring import score_schema
 
+        n = records.num_rows
+        uids = records.column("uid")
+        order = pc.index_in(uids, value_set=scored.column("uid").combine_chunks())
+        if order.null_count:
+            raise LedgerError(f"score: shard {shard}: {order.null_count} records did not come back from scoring")
+        scored = scored.take(order)  # the shard's record order: batches come back in any order
+
+        def column(name: str, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
+            return scored.column(name).cast(type_) if name in scored.column_names else pa.nulls(n, type_)
+
+        undecodable = column("undecodable", pa.string())
+        bad = pc.is_valid(undecodable)
+        rejected = pc.sum(bad).as_py() or 0
+        part = {"uid": uids, "status": pc.if_else(bad, "rejected", "kept"), "stage": pa.array([self.name] * n),
+                "reason": pc.if_else(bad, "undecodable", pa.scalar(None, pa.string())), "detail": undecodable,
+                "dup_of": pa.nulls(n, pa.string())}  # fmt: skip
         schema = score_schema(cfg.scorers)
-        by_uid = {r["uid"]: r for r in scored.to_pylist()}
-        rows, embeddings, reasons = [], [], Counter()
-        for uid, modality in zip(records.column("uid").to_pylist(), records.column("modality").to_pylist()):
-            r = by_uid[uid]
-            scores = {f.name: r.get(f.name) for f in schema}
-            if r.get("undecodable"):
-                reasons["undecodable"] += 1
-                rows.append(rejected_row(uid, self.name, "undecodable", r["undecodable"], **scores))
-                continue
-            rows.append(kept_row(uid, self.name, **scores))
-            if cfg.embeddings and r.get("embedding") is not None:
-                embeddings.append({"uid": uid, "modality": modality, "embedding": r["embedding"]})
+        part.update({f.name: column(f.name, f.type) for f in schema})
+        write_part(self.ledger_path(shard), pa.table(part), extra_schema=schema)
+        embeddings = 0
         if cfg.embeddings:
+            emb = column("embedding", EMBEDDINGS_SCHEMA.field("embedding").type)
+            table = pa.table({"uid": uids, "modality": records.column("modality"), "embedding": emb})
+            table = table.filter(pc.and_(pc.invert(bad), pc.is_valid(emb))).cast(EMBEDDINGS_SCHEMA)
+            embeddings = table.num_rows
             with atomic_path(self.embeddings_path(shard)) as tmp:
-                pq.write_table(pa.Table.from_pylist(embeddings, schema=EMBEDDINGS_SCHEMA), tmp)
-        write_part(self.ledger_path(shard), rows, extra_schema=schema)
-        rejected = sum(reasons.values())
-        self.mark_shard_done(shard, {"input": len(rows), "kept": len(rows) - rejected, "rejected": rejected,
-                                     "reasons": dict(reasons), "embeddings": len(embeddings)})  # fmt: skip
-        log.info("score: shard %s done: %d records, %d undecodable (%.1f s since start)", shard, len(rows), rejected,
+                pq.write_table(table, tmp)
+        reasons = {"undecodable": rejected} if rejected else {}
+        self.mark_shard_done(shard, {"input": n, "kept": n - rejected, "rejected": rejected, "reasons": reasons,
+                                     "embeddings": embeddings})  # fmt: skip
+        log.info("score: shard %s done: %d records, %d undecodable (%.1f s since start)", shard, n, rejected,
                  time.time() - started)  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -130,9 +131,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
+    import transformers
 
     from curation.train.data import ConversationDataset, GlobalBatchSampler, SampleRef, collate
     from curation.train.model import build_model, configure_trainable
+
+    # Ray Train workers log INFO from the root logger: open_clip's and transformers' loading chatter, per worker
+    logging.getLogger().setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
 
     cfg: TrainConfig = loop_config["train"]
     stage_name: str = loop_config["stage"]
