@@ -225,10 +225,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - t0
         done = step + 1
         checkpoint = done % stage.checkpoint_every == 0 or done == total
-        rngs = [rng_state()]
-        if checkpoint and world > 1:
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, rng_state())
+        rngs: list[Any] = []
+        if checkpoint:
+            rngs = [rng_state()]
+            if world > 1:
+                rngs = [None] * world
+                torch.distributed.all_gather_object(rngs, rng_state())
         if rank == 0:
             row = {"step": done, "loss": round(loss_sum / (accum * world), 6),
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": round(samples / seconds, 3),
