@@ -1,6 +1,8 @@
 """Trainer throughput: samples/s of stage 1 or 2 on a release, beside its bound, and on a GPU the model FLOPs
-utilisation (the usual 6 x parameters x tokens / time / the device's peak bf16 FLOPs; it counts the frozen
-towers' and LM's weight gradients as if they were computed, so it overstates the work of stage 1).
+utilisation: model FLOPs per token x tokens/s / the devices' peak bf16 FLOP/s. Model FLOPs per token count
+6 x the parameters that train (forward, input and weight gradients) and 4 x the LM's frozen ones (forward and
+input gradients: stage 1 back-propagates through the frozen LM to the projectors, but computes no weight
+gradients there); the frozen towers run once per media item without gradients and are left out.
 
 The bound, measured in the same run: the same model's bare training step (forward, backward, optimizer step) in
 this process on micro-batches decoded beforehand and held in memory, with the threads one worker gets, times the
@@ -54,7 +56,7 @@ def main() -> int:
     from curation.train.args import StageArgs, TrainConfig
     from curation.train.data import index_shards
     from curation.train.loop import train_stage
-    from curation.train.model import build_model
+    from curation.train.model import build_model, configure_trainable
 
     work = Path(tempfile.mkdtemp(prefix="curation-train-bench-"))
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
@@ -77,19 +79,24 @@ def main() -> int:
     sps = statistics.median(r["samples_per_s"] for r in steady)
     tokens_per_s = statistics.median(r["tokens"] / r["seconds"] for r in steady)
     model, _, _ = build_model(cfg.model, {r.modality for r in refs})
-    params = sum(p.numel() for p in model.parameters())
+    configure_trainable(model, getattr(cfg, args.stage))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_lm = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad)
+    flops_per_token = 6 * trainable + 4 * frozen_lm
     device, peak = peak_flops()
     print(f"train benchmark: stage {args.stage}, {len(refs)} samples, {args.steps} steps x {args.global_batch} "
           f"samples, {args.workers} workers on {device}")  # fmt: skip
     print(f"  samples/s (median of steps 2..{len(rows)}): {sps:.2f}")
     print(f"  bound: bare step on in-memory batches x {args.workers} workers: {bare * args.workers:.2f} samples/s; "
           f"ratio {sps / (bare * args.workers):.2f}")  # fmt: skip
-    print(f"  tokens/s: {tokens_per_s:.0f}; parameters (towers + projectors + LM): {params:,}")
+    print(f"  tokens/s: {tokens_per_s:.0f}; parameters: {trainable:,} trained, {frozen_lm:,} frozen in the LM; "
+          f"{flops_per_token * tokens_per_s / 1e9:.2f} model GFLOP/s")  # fmt: skip
     if peak is None:
         print("  MFU: n/a on CPU" if device == "cpu" else f"  MFU: n/a (no peak FLOPs known for {device})")
     else:
         # every worker has its own GPU: the peak scales with the workers
-        print(f"  MFU: {6 * params * tokens_per_s / (peak * args.workers):.2%} (peak {peak / 1e12:.0f} TFLOP/s bf16)")
+        mfu = flops_per_token * tokens_per_s / (peak * args.workers)
+        print(f"  MFU: {mfu:.2%} (peak {peak / 1e12:.0f} TFLOP/s bf16 per GPU)")
     return 0
 
 
