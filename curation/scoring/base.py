@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 
 log = logging.getLogger("curation")
@@ -29,6 +30,37 @@ class Scorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
+
+
+class MediaTextScorer(Scorer):
+    """A media-text similarity scorer: fills ``clip_score`` and ``embedding`` for the rows of its ``modalities``
+    from their decoded inputs, ``batch_size`` rows per forward. Subclasses load their model in ``__init__`` (and
+    set ``batch_size`` and ``drop_inputs``: remove the decoded inputs afterwards, when no later scorer needs them)
+    and implement :meth:`score`."""
+
+    schema = MEDIA_SCHEMA
+    modalities: ClassVar[tuple[str, ...]] = ()
+    batch_size: int = 32
+    drop_inputs: bool = False
+
+    def score(self, arrays: list[np.ndarray], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, L2-normalised media embeddings) for decoded inputs and their captions."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_input
+
+        todo, rows = media_rows(batch, self.modalities)
+        scores: list[float] = []
+        embeddings: list[list[float]] = []
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            sims, embs = self.score([row_input(batch, rows, i) for i in chunk], [rows["caption"][i] for i in chunk])
+            scores += [float(s) for s in sims]
+            embeddings += [e.astype(np.float32).tolist() for e in embs]
+        batch = fill_rows(batch, "clip_score", todo, scores, pa.float64())
+        batch = fill_rows(batch, "embedding", todo, embeddings, EMBEDDING_TYPE)
+        return batch.drop_columns(list(INPUT_COLUMNS)) if self.drop_inputs else batch
 
 
 def resolve_device(spec: Any, has_gpu: bool) -> tuple[str, str]:

@@ -6,13 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from curation.scoring.base import EMBEDDING_TYPE, MEDIA_SCHEMA, Scorer, fill_rows, limit_threads, resolve_device
-from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_input
+from curation.scoring.base import MediaTextScorer, limit_threads, resolve_device
 
 
-class ClapSimilarityScorer(Scorer):
+class ClapSimilarityScorer(MediaTextScorer):
     """CLAP similarity of audio rows; fills ``clip_score`` and ``embedding`` (L2-normalised).
 
     Args:
@@ -22,7 +20,6 @@ class ClapSimilarityScorer(Scorer):
     """
 
     name = "audio_text"
-    schema = MEDIA_SCHEMA
     modalities = ("audio",)
 
     def __init__(self, spec: Any, has_gpu: bool = False, drop_inputs: bool = False):
@@ -37,30 +34,16 @@ class ClapSimilarityScorer(Scorer):
         self.batch_size = spec.batch_size
         self.drop_inputs = drop_inputs
 
-    def score(self, features: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, audio embeddings) for feature arrays (N, 1, T, F) and their captions."""
+    def score(self, arrays: list[np.ndarray], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, audio embeddings) for feature arrays (C, T, F) and their captions."""
         import torch
 
         from curation.models.hf import pooled_embedding
 
-        x = torch.as_tensor(features, device=self.device, dtype=self.dtype)
+        x = torch.as_tensor(np.stack(arrays), device=self.device, dtype=self.dtype)
         enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.inference_mode():
             audio = pooled_embedding(self.model.get_audio_features(input_features=x))
             text = pooled_embedding(self.model.get_text_features(**enc))
         return (audio * text).sum(-1).cpu().numpy(), audio.cpu().numpy()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        todo, rows = media_rows(batch, self.modalities)
-        scores: list[float] = []
-        embeddings: list[list[float]] = []
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            feats = np.stack([row_input(batch, rows, i) for i in chunk])
-            sims, embs = self.score(feats, [rows["caption"][i] for i in chunk])
-            scores += [float(s) for s in sims]
-            embeddings += [e.astype(np.float32).tolist() for e in embs]
-        batch = fill_rows(batch, "clip_score", todo, scores, pa.float64())
-        batch = fill_rows(batch, "embedding", todo, embeddings, EMBEDDING_TYPE)
-        return batch.drop_columns(list(INPUT_COLUMNS)) if self.drop_inputs else batch

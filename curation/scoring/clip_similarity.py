@@ -6,13 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from curation.scoring.base import EMBEDDING_TYPE, MEDIA_SCHEMA, Scorer, fill_rows, limit_threads, resolve_device
-from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_input
+from curation.scoring.base import MediaTextScorer, limit_threads, resolve_device
 
 
-class ClipSimilarityScorer(Scorer):
+class ClipSimilarityScorer(MediaTextScorer):
     """CLIP similarity of image and video rows; fills ``clip_score`` and ``embedding`` (L2-normalised).
 
     Args:
@@ -22,7 +20,6 @@ class ClipSimilarityScorer(Scorer):
     """
 
     name = "image_text"
-    schema = MEDIA_SCHEMA
     modalities = ("image", "video")
 
     def __init__(self, spec: Any, has_gpu: bool = False, drop_inputs: bool = False):
@@ -67,17 +64,3 @@ class ClipSimilarityScorer(Scorer):
         media = self.embed_media(arrays)
         text = self.embed_text(captions)
         return (media * text).sum(-1).cpu().numpy(), media.cpu().numpy()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        todo, rows = media_rows(batch, self.modalities)
-        scores: list[float] = []
-        embeddings: list[list[float]] = []
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            arrays = [row_input(batch, rows, i) for i in chunk]
-            sims, embs = self.score(arrays, [rows["caption"][i] for i in chunk])
-            scores += [float(s) for s in sims]
-            embeddings += [e.astype(np.float32).tolist() for e in embs]
-        batch = fill_rows(batch, "clip_score", todo, scores, pa.float64())
-        batch = fill_rows(batch, "embedding", todo, embeddings, EMBEDDING_TYPE)
-        return batch.drop_columns(list(INPUT_COLUMNS)) if self.drop_inputs else batch
