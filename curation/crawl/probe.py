@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curation.crawl import reasons
+from curation.schemas import MEDIA_METADATA
 
 IMAGE = "image"
 VIDEO = "video"
@@ -53,18 +54,7 @@ _FULL_DECODE_AUDIO_S = 300.0
 _HEAD_FRAMES = 3
 _MAX_TAIL_PACKETS = 300
 
-_META_FIELDS = (
-    "modality",
-    "ext",
-    "mime",
-    "width",
-    "height",
-    "duration_s",
-    "fps",
-    "num_frames",
-    "sample_rate",
-    "channels",
-)
+_META_FIELDS = ("modality", "ext", "mime", *MEDIA_METADATA)
 
 
 @dataclass

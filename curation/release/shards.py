@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from curation.fsutil import atomic_path
 from curation.ledger import kept_row, rejected_row, write_part
+from curation.schemas import MEDIA_METADATA, RECORD_SCHEMA
 
 TAR_BLOCK = 512
 PLAN_SCHEMA = pa.schema(
@@ -41,6 +42,8 @@ PLAN_SCHEMA = pa.schema(
         ("sample_json", pa.binary()),  # the .json member, as written
     ]
 )
+# the crawled record's provenance and media metadata, carried into every index row
+RECORD_KEYS_FOR_INDEX = ("source", "url", *MEDIA_METADATA)
 INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -54,27 +57,8 @@ INDEX_SCHEMA = pa.schema(
         ("media_offset", pa.int64()),  # byte range of the media file's data: one range request fetches it
         ("media_size", pa.int64()),
         ("sha256", pa.string()),
-        ("source", pa.string()),
-        ("url", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("duration_s", pa.float64()),
-        ("fps", pa.float64()),
-        ("num_frames", pa.int32()),
-        ("sample_rate", pa.int32()),
-        ("channels", pa.int32()),
+        *(RECORD_SCHEMA.field(k) for k in RECORD_KEYS_FOR_INDEX),
     ]
-)
-RECORD_KEYS_FOR_INDEX = (
-    "source",
-    "url",
-    "width",
-    "height",
-    "duration_s",
-    "fps",
-    "num_frames",
-    "sample_rate",
-    "channels",
 )
 
 

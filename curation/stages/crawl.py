@@ -32,29 +32,9 @@ import pyarrow.parquet as pq
 from curation.config import CrawlConfig
 from curation.fsutil import atomic_path
 from curation.ledger import kept_row, rejected_row, write_part
+from curation.schemas import RECORD_SCHEMA
 from curation.stages.base import Stage, log
 
-RECORD_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("modality", pa.string()),
-        ("source", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("shard", pa.string()),
-        ("ext", pa.string()),
-        ("mime", pa.string()),
-        ("sha256", pa.string()),
-        ("num_bytes", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("duration_s", pa.float64()),
-        ("fps", pa.float64()),
-        ("num_frames", pa.int32()),
-        ("sample_rate", pa.int32()),
-        ("channels", pa.int32()),
-    ]
-)
 # fixed tar member mtime: the same input gives byte-identical shards (an int: a float adds a PAX header a member)
 TAR_MTIME = 946684800
 

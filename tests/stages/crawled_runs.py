@@ -19,8 +19,9 @@ from curation.config import load_config
 from curation.fsutil import write_json
 from curation.ledger import assemble_ledger, kept_row, rejected_row, write_part
 from curation.runner import Run
+from curation.schemas import RECORD_SCHEMA
 from curation.stages.base import StageContext
-from curation.stages.crawl import RECORD_SCHEMA, TAR_MTIME, CrawlStage
+from curation.stages.crawl import TAR_MTIME, CrawlStage
 
 
 def png(seed: int, size: tuple[int, int] = (48, 32), fmt: str = "PNG") -> bytes:
