@@ -14,20 +14,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from sample_runs import DEMO, ROOT, ledger_by_id, run_demo
 
-from curation.config import load_config
-from curation.runner import Run
 from curation.schemas import validate
-
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "pipelines" / "demo.yaml"
 
 pytestmark = pytest.mark.slow
 
 
 def run_crawl(out: Path, input_path, *overrides: str) -> dict:
-    config = load_config(DEMO, [f"input.path={input_path}", "stages=[crawl]", *overrides])
-    return Run(config, out).run()
+    return run_demo(out, input_path, ["crawl"], *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +30,6 @@ def crawled(tmp_path_factory, sample_server, ray_session):
     out = tmp_path_factory.mktemp("run") / "crawl"
     state = run_crawl(out, sample_server.url_lists["parquet"])
     return out, state
-
-
-def ledger_by_id(run_dir: Path, url_list: Path) -> dict[str, dict]:
-    """Join the ledger back to the sample's ids through the URL list's row order."""
-    ids = pq.read_table(url_list).column("id").to_pylist() if url_list.suffix == ".parquet" else None
-    ledger = pq.read_table(run_dir / "ledger.parquet").to_pylist()
-    by_source = {row["source"]: row for row in ledger}
-    return {sample_id: by_source[f"{url_list.name}:{i}"] for i, sample_id in enumerate(ids)}
 
 
 def test_ledger_accounts_for_every_sample_url_with_the_right_reason(crawled, labels, sample_server):

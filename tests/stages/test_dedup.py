@@ -11,22 +11,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sample_runs import ledger_by_id, run_demo
 
-from curation.config import load_config
 from curation.ledger import assemble_ledger
-from curation.runner import Run
 from curation.schemas import validate
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "pipelines" / "demo.yaml"
 DUPLICATES = ("exact_duplicate", "near_duplicate")
 
 pytestmark = pytest.mark.slow
 
 
 def run(out: Path, input_path, *overrides: str) -> dict:
-    config = load_config(DEMO, [f"input.path={input_path}", "stages=[crawl,dedup]", *overrides])
-    return Run(config, out).run()
+    return run_demo(out, input_path, ["crawl", "dedup"], *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +30,6 @@ def deduped(tmp_path_factory, sample_server, ray_session):
     out = tmp_path_factory.mktemp("run") / "dedup"
     state = run(out, sample_server.url_lists["parquet"])
     return out, state
-
-
-def ledger_by_id(run_dir: Path, url_list: Path) -> dict[str, dict]:
-    """Ledger rows by sample id: URL list row i is ledger source "urls.parquet:i"."""
-    ids = pq.read_table(url_list).column("id").to_pylist()
-    by_source = {row["source"]: row for row in pq.read_table(run_dir / "ledger.parquet").to_pylist()}
-    return {sample_id: by_source[f"{url_list.name}:{i}"] for i, sample_id in enumerate(ids)}
 
 
 def test_labelled_duplicates_are_found_with_their_originals(deduped, labels, sample_server):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from sample_runs import ledger_by_id
 
 from curation.config import ConfigError, FilterConfig
 from curation.filtering import judge, list_recipes, load_recipe, percentile_thresholds
@@ -110,15 +111,9 @@ def test_rules_thresholds_percentiles_and_reasons():
 # -- on the real pipeline -----------------------------------------------------------------------------------------
 
 
-def ledger_by_sample_id(run_dir: Path, url_list: Path) -> dict[str, dict]:
-    ids = pq.read_table(url_list).column("id").to_pylist()
-    by_source = {r["source"]: r for r in pq.read_table(run_dir / "ledger.parquet").to_pylist()}
-    return {sid: by_source[f"{url_list.name}:{i}"] for i, sid in enumerate(ids)}
-
-
 def defect_rates(run_dir: Path, url_list: Path, labels: list[dict]) -> dict[tuple[str, str], tuple[int, int]]:
     """(modality, clean|defect) -> (records that reached the filter, records rejected after the crawl)."""
-    ledger = ledger_by_sample_id(run_dir, url_list)
+    ledger = ledger_by_id(run_dir, url_list)
     counts: Counter = Counter()
     for label in labels:
         row = ledger[label["id"]]
