@@ -10,7 +10,6 @@ prefetched ahead of the training step.
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curation.fsutil import tar_index
 from curation.instruct import IGNORE_INDEX, MEDIA_TOKEN_INDEX, pretrain_conversation, tokenize_conversation
 from curation.scoring.decode import DecodeError
 
@@ -46,16 +46,15 @@ def index_shards(tars: list[Path]) -> list[SampleRef]:
     refs = []
     for tar in sorted(tars):
         members: dict[str, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(tar) as tf:
-            for m in tf:
-                if m.isfile():
-                    key, _, ext = m.name.partition(".")
-                    members.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+        for name, where in tar_index(tar).items():
+            key, _, ext = name.partition(".")
+            members.setdefault(key, {})[ext.lower()] = where
+        with open(tar, "rb") as f:
             for key, exts in members.items():
                 media = [(e, exts[e]) for e in exts if e in ext_modality]
                 if not media or "json" not in exts:
                     continue
-                meta = json.loads(_read(tf.fileobj, *exts["json"]))
+                meta = json.loads(_read(f, *exts["json"]))
                 turns = meta.get("conversations") or [{"value": meta.get("caption", "")}]
                 length = sum(len(t["value"].split()) for t in turns)
                 refs.append(SampleRef(key, str(tar), ext_modality[media[0][0]], media[0][1], exts["json"], length))
