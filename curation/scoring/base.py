@@ -95,6 +95,8 @@ def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 def fill_rows(table: pa.Table, name: str, rows: list[int], values: list[Any], type_: pa.DataType) -> pa.Table:
     """Set column ``name`` at the row positions ``rows`` (other rows keep their value, or null)."""
+    if len(rows) == table.num_rows and rows == list(range(len(rows))):  # every row, in order: no merge
+        return set_column(table, name, pa.array(values, type_))
     current = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
     for i, v in zip(rows, values):
         current[i] = v

@@ -27,15 +27,14 @@ class LanguageIdScorer(Scorer):
         self.batch_size = spec.batch_size
 
     def predict(self, captions: list[str]) -> tuple[list[str], list[float]]:
-        # fastText reads one line: newlines would end the text early
-        texts = [" ".join(c.split()) for c in captions]
+        texts = [_one_line(c) for c in captions]
         labels, probs = self.model.predict(texts, k=1)
-        langs = [lab[0].removeprefix("__label__") if lab else "unknown" for lab in labels]
+        langs = [lab[0][9:] if lab else "unknown" for lab in labels]  # "__label__en" -> "en"
         return langs, [min(1.0, float(p[0])) if len(p) else 0.0 for p in probs]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         captions = batch.column("caption").to_pylist()
-        todo = [i for i, c in enumerate(captions) if c and c.strip()]
+        todo = [i for i, c in enumerate(captions) if c and not c.isspace()]
         langs: list[str] = []
         scores: list[float] = []
         for start in range(0, len(todo), self.batch_size):
@@ -45,3 +44,9 @@ class LanguageIdScorer(Scorer):
             scores += got[1]
         batch = fill_rows(batch, "lang", todo, langs, pa.string())
         return fill_rows(batch, "lang_score", todo, scores, pa.float64())
+
+
+def _one_line(caption: str) -> str:
+    """fastText reads one line (a newline would end the text early) and splits words on ASCII whitespace; other
+    Unicode spaces (no-break, em) become plain spaces too."""
+    return caption.replace("\n", " ") if caption.isascii() else " ".join(caption.split())

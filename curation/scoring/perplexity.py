@@ -61,11 +61,19 @@ class PerplexityScorer(Scorer):
         return [float(p) if c > 0 else None for p, c in zip(nll.exp().cpu().tolist(), count.tolist())]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Model batches of similar caption lengths (less padding), each from one crawl shard: padding changes a
+        perplexity in its last float digits, so a shard's scores must not depend on which other shards shared the
+        call (a resumed run scores a shard beside others than the first run did)."""
         captions = batch.column("caption").to_pylist()
-        todo = [i for i, c in enumerate(captions) if c and c.strip()]
-        todo.sort(key=lambda i: len(captions[i]))  # similar lengths together: less padding
+        shards = batch.column("shard").to_pylist() if "shard" in batch.column_names else [""] * len(captions)
+        todo = [i for i, c in enumerate(captions) if c and not c.isspace()]
+        todo.sort(key=lambda i: (shards[i], len(captions[i]), i))
+        chunks: list[list[int]] = []
+        for i in todo:
+            if not chunks or len(chunks[-1]) == self.batch_size or shards[chunks[-1][0]] != shards[i]:
+                chunks.append([])
+            chunks[-1].append(i)
         values: list[float | None] = []
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
+        for chunk in chunks:
             values += self.perplexities(self.encode([captions[i] for i in chunk]))
         return fill_rows(batch, "perplexity", todo, values, pa.float64())

@@ -21,7 +21,6 @@ once; with GPUs, each model pool takes a GPU share and runs in fp16.
 from __future__ import annotations
 
 import json
-import tarfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -40,43 +39,46 @@ EMBEDDINGS_SCHEMA = pa.schema([("uid", pa.string()), ("modality", pa.string()), 
 RECORD_COLUMNS = ("uid", "shard", "modality", "caption", "num_frames")
 
 
-def index_shard(batch: pa.Table, crawl_dir: str) -> pa.Table:
-    """Ray Data batch function (one shard a call): the shard's kept records with the tar offset of their media."""
+def index_shard(batch: pa.Table, crawl_dir: str, media: bool = True) -> pa.Table:
+    """Ray Data batch function (a block: one row per crawl shard): the shards' kept records, with the tar offset and
+    size of their media when ``media`` (a run that scores no media reads no tar)."""
+    import pyarrow.compute as pc
+
+    from curation.fsutil import tar_index
+
     out = []
     for shard, uids in zip(batch.column("shard").to_pylist(), batch.column("uids").to_pylist()):
-        wanted = set(uids)
         records = pq.read_table(Path(crawl_dir) / "shards" / f"{shard}.parquet", columns=list(RECORD_COLUMNS))
-        tar = Path(crawl_dir) / "shards" / f"{shard}.tar"
-        offsets: dict[str, tuple[int, int]] = {}
-        with tarfile.open(tar) as tf:
-            for member in tf:
-                key, _, ext = member.name.partition(".")
-                if key in wanted and ext not in ("txt", "json"):
-                    offsets[key] = (member.offset_data, member.size)
-        if wanted - offsets.keys():
-            raise RuntimeError(f"{tar}: no media for {len(wanted - offsets.keys())} records the crawl kept")
-        rows = [r for r in records.to_pylist() if r["uid"] in wanted]
-        out.append(
-            pa.table(
-                {
-                    **{c: pa.array([r[c] for r in rows], records.schema.field(c).type) for c in RECORD_COLUMNS},
-                    "tar": pa.array([str(tar)] * len(rows), pa.string()),
-                    "offset": pa.array([offsets[r["uid"]][0] for r in rows], pa.int64()),
-                    "size": pa.array([offsets[r["uid"]][1] for r in rows], pa.int64()),
-                    "clip_score": pa.nulls(len(rows), pa.float64()),
-                    "embedding": pa.nulls(len(rows), pa.list_(pa.float32())),
-                }
-            )
-        )
+        records = records.filter(pc.is_in(records.column("uid"), value_set=pa.array(uids, pa.string())))
+        n = records.num_rows
+        extra = {"clip_score": pa.nulls(n, pa.float64()), "embedding": pa.nulls(n, pa.list_(pa.float32()))}
+        if media:
+            tar = Path(crawl_dir) / "shards" / f"{shard}.tar"
+            members = tar_index(tar)
+            offsets: dict[str, tuple[int, int]] = {}
+            for name, where in members.items():
+                key, _, ext = name.partition(".")
+                if ext not in ("txt", "json"):
+                    offsets[key] = where
+            missing = [u for u in records.column("uid").to_pylist() if u not in offsets]
+            if missing:
+                raise RuntimeError(f"{tar}: no media for {len(missing)} records the crawl kept (e.g. {missing[0]})")
+            where = [offsets[u] for u in records.column("uid").to_pylist()]
+            extra = {"tar": pa.array([str(tar)] * n, pa.string()),
+                     "offset": pa.array([w[0] for w in where], pa.int64()),
+                     "size": pa.array([w[1] for w in where], pa.int64()), **extra}  # fmt: skip
+        for name, values in extra.items():
+            records = records.append_column(name, values)
+        out.append(records)
     return pa.concat_tables(out)
 
 
 def without_media(batch: pa.Table) -> pa.Table:
-    """Ray Data batch function for runs that score no media: drop the offsets, decode nothing."""
-    batch = batch.drop_columns(["tar", "offset", "size"])
+    """Ray Data batch function for runs that score no media: the column media decoding would add."""
     return batch.append_column("undecodable", pa.nulls(batch.num_rows, pa.string()))
 
 
+TEXT_BLOCK_RECORDS = 32_768  # records a block holds in runs that score only text
 SMALL_TASK_CPUS = 0.1  # reading shard indexes and text statistics: light work that must never wait for a core
 
 
@@ -96,12 +98,16 @@ def _fit_cpus(pools: list[dict[str, Any]], decode_cpus: float, cluster_cpus: flo
     return decode_cpus * factor
 
 
-def _pool_kwargs(spec: ScoreConfig.Model, gpus: float, uses_gpu: bool = True) -> dict[str, Any]:
-    """Ray Data actor-pool arguments for one model: fractional CPUs always, a GPU share when the cluster has GPUs."""
+def _pool_kwargs(spec: ScoreConfig.Model, gpus: float, uses_gpu: bool = True, text: bool = False) -> dict[str, Any]:
+    """Ray Data actor-pool arguments for one model: fractional CPUs always, a GPU share when the cluster has GPUs.
+    A text scorer's actor takes whole blocks (whole shards) a call and splits them into model batches of
+    ``spec.batch_size`` itself: Ray Data's slicing and merging cost about a microsecond a record at 512-record
+    calls, a fifth of a fastText prediction, and a call never holds part of a shard."""
     on_gpu = uses_gpu and gpus > 0 and spec.device != "cpu"
     num_gpus = (spec.num_gpus if spec.num_gpus is not None else 1 / 3) if on_gpu else 0
     concurrency = spec.concurrency or (max(1, int(gpus)) if on_gpu else 1)
-    kwargs: dict[str, Any] = {"concurrency": concurrency, "num_cpus": spec.num_cpus, "batch_size": spec.batch_size}
+    batch = None if text else spec.batch_size
+    kwargs: dict[str, Any] = {"concurrency": concurrency, "num_cpus": spec.num_cpus, "batch_size": batch}
     if num_gpus:
         kwargs["num_gpus"] = num_gpus
     return kwargs
@@ -186,19 +192,25 @@ class ScoreStage(Stage):
         if "perplexity" in cfg.scorers:
             from curation.scoring.perplexity import PerplexityScorer
 
-            kwargs = _pool_kwargs(cfg.perplexity, gpus)
+            kwargs = _pool_kwargs(cfg.perplexity, gpus, text=True)
             stages.append((PerplexityScorer, {"spec": cfg.perplexity, "has_gpu": "num_gpus" in kwargs}, kwargs))
         if "language" in cfg.scorers:
             from curation.scoring.language import LanguageIdScorer
 
-            stages.append((LanguageIdScorer, {"spec": cfg.language}, _pool_kwargs(cfg.language, gpus, uses_gpu=False)))
+            kwargs = _pool_kwargs(cfg.language, gpus, uses_gpu=False, text=True)
+            stages.append((LanguageIdScorer, {"spec": cfg.language}, kwargs))
         decode_cpus = _fit_cpus([k for _, _, k in stages], cfg.decode_num_cpus, resources.get("CPU", 1))
 
         items = [{"shard": s, "uids": t.column("uid").to_pylist()} for s, t in sorted(pending.items())]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # a block is the unit of every task and actor call: one shard each when there is media to decode (decoding
+        # spreads over the blocks), several when there is only text, where a block's fixed cost (tens of ms of
+        # scheduling) would outweigh scoring a shard's captions
+        per_block = 1 if pools else max(1, round(TEXT_BLOCK_RECORDS * len(items) / sum(len(i["uids"]) for i in items)))
+        ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_block))
         # one small task at a time: each concurrent task would start (and import into) one more worker process
         small = {"num_cpus": SMALL_TASK_CPUS, "compute": ray.data.TaskPoolStrategy(size=1)}
-        ds = ds.map_batches(index_shard, fn_kwargs={"crawl_dir": str(self.ctx.run_dir / "crawl")}, batch_size=1,
+        crawl_dir = str(self.ctx.run_dir / "crawl")
+        ds = ds.map_batches(index_shard, fn_kwargs={"crawl_dir": crawl_dir, "media": bool(pools)}, batch_size=None,
                             batch_format="pyarrow", **small)  # fmt: skip
         if pools:
             ds = ds.map_batches(decode_batch, fn_kwargs={"plan": plan}, batch_size=cfg.decode_batch_size,
