@@ -568,11 +568,15 @@ class RayConfig:
         address: a Ray cluster address (``auto``, ``ray://host:10001``); ``None`` starts a local instance.
         num_cpus: CPUs of the local instance (``None``: all of this machine's).
         object_store_memory_mb: object store size of the local instance (``None``: Ray's default).
+        dashboard: serve Ray's dashboard from the local instance (http://127.0.0.1:8265, the next free port when
+            that one is taken), to watch tasks, actors and logs while the run goes. Ray Train's clean-up also
+            watches its controller through it: without it, the train stage logs a warning every few seconds.
     """
 
     address: str | None = None
     num_cpus: int | None = None
     object_store_memory_mb: int | None = None
+    dashboard: bool = True
 
     def validate(self) -> list[str]:
         if self.num_cpus is not None and self.num_cpus < 1:

@@ -51,6 +51,8 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # faiss reports at INFO each CPU-specific build it could not import before the one it loads
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def init_ray(config: PipelineConfig, address: str | None = None) -> bool:
@@ -66,16 +68,18 @@ def init_ray(config: PipelineConfig, address: str | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(
+        info = ray.init(
             address="local",
             num_cpus=config.ray.num_cpus,
             object_store_memory=(config.ray.object_store_memory_mb or 0) * 2**20 or None,
-            include_dashboard=False,
+            include_dashboard=config.ray.dashboard,
             **kwargs,
         )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    log.info("ray: %s with %s CPUs", address or "local instance", ray.cluster_resources().get("CPU"))
+    dashboard = "" if address else info.dashboard_url
+    log.info("ray: %s with %s CPUs%s", address or "local instance", ray.cluster_resources().get("CPU"),
+             f", dashboard at http://{dashboard}" if dashboard else "")  # fmt: skip
     return True
 
 

@@ -84,3 +84,29 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, sample_dir, tmp_path):
     assert "SUCCEEDED" in proc.stdout
     ledger = pq.read_table(out / "ledger.parquet")
     assert ledger.num_rows == 12
+
+
+def test_a_local_run_serves_the_dashboard_whose_state_api_ray_train_watches(tmp_path):
+    """Ray Train's placement-group clean-up asks the dashboard's state API whether its controller lives; a local
+    instance started without the dashboard makes it log a warning every few seconds of every training run."""
+    script = """
+import logging, sys
+from curation.config import load_config
+from curation.runner import init_ray, setup_logging
+setup_logging()
+config = load_config(data={"name": "t", "ray": {"num_cpus": 1, "dashboard": sys.argv[1] == "on"}})
+init_ray(config)
+import ray
+from ray.util.state import list_actors
+try:  # this instance's address: the test session's own instance may run beside it
+    list_actors(address=ray.get_runtime_context().gcs_address)
+    print("STATE API ANSWERS")
+except Exception as e:
+    print("STATE API FAILS", type(e).__name__)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for mode, expected in (("on", "STATE API ANSWERS"), ("off", "STATE API FAILS")):
+        out = subprocess.run([sys.executable, "-c", script, mode], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert expected in out.stdout, (mode, out.stdout, out.stderr[-2000:])
+        assert ("dashboard at http://127.0.0.1:" in out.stderr) == (mode == "on"), out.stderr[-2000:]
