@@ -31,10 +31,18 @@ def _dtype(precision: str):
     return getattr(torch, DTYPES[precision])
 
 
+def _no_progress_bars() -> None:
+    """transformers draws a "Loading weights" bar per load: one per actor, in the middle of the run's log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_clap(spec: Any, device: str = "cpu", precision: str = "fp32"):
     """Returns ``(model, tokenizer, feature_extractor)`` of a transformers ``ClapModel``, in eval mode."""
     from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
+    _no_progress_bars()
     source = resolve_hf(spec, "clap")
     model = ClapModel.from_pretrained(source, dtype=_dtype(precision), weights_only=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -54,6 +62,7 @@ def load_causal_lm(spec: Any, device: str = "cpu", precision: str = "fp32"):
     token (GPT-2's has none: its end-of-text token stands in, masked out anyway)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _no_progress_bars()
     source = resolve_hf(spec, "lm")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(precision), weights_only=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)

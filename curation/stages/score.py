@@ -200,6 +200,10 @@ class ScoreStage(Stage):
             kwargs = _pool_kwargs(cfg.language, gpus, uses_gpu=False, text=True)
             stages.append((LanguageIdScorer, {"spec": cfg.language}, kwargs))
         decode_cpus = _fit_cpus([k for _, _, k in stages], cfg.decode_num_cpus, resources.get("CPU", 1))
+        used = {"image_text": "image_text" in media or "video_text" in media, "audio_text": "audio_text" in media,
+                "perplexity": "perplexity" in cfg.scorers, "language": "language" in cfg.scorers}  # fmt: skip
+        log.info("score: models: %s", ", ".join(f"{k}={_describe(getattr(cfg, k))}" for k, on in used.items() if on)
+                 or "none")  # fmt: skip
 
         items = [{"shard": s, "uids": t.column("uid").to_pylist()} for s, t in sorted(pending.items())]
         # a block is the unit of every task and actor call: one shard each when there is media to decode (decoding
@@ -296,6 +300,13 @@ class ScoreStage(Stage):
                                      "embeddings": embeddings})  # fmt: skip
         log.info("score: shard %s done: %d records, %d undecodable (%.1f s since start)", shard, n, rejected,
                  time.time() - started)  # fmt: skip
+
+
+def _describe(spec: ScoreConfig.Model) -> str:
+    """Where a model comes from, for the log: its path, name and pretrained tag, or the embedded bootstrap."""
+    if _is_bootstrap(spec):
+        return "bootstrap (embedded tiny model)"
+    return spec.path or (f"{spec.name} ({spec.pretrained})" if spec.pretrained else spec.name)
 
 
 def _is_bootstrap(spec: ScoreConfig.Model) -> bool:
