@@ -60,10 +60,11 @@ def index_shard(batch: pa.Table, crawl_dir: str, media: bool = True) -> pa.Table
                 key, _, ext = name.partition(".")
                 if ext not in ("txt", "json"):
                     offsets[key] = where
-            missing = [u for u in records.column("uid").to_pylist() if u not in offsets]
+            kept = records.column("uid").to_pylist()
+            missing = [u for u in kept if u not in offsets]
             if missing:
                 raise RuntimeError(f"{tar}: no media for {len(missing)} records the crawl kept (e.g. {missing[0]})")
-            where = [offsets[u] for u in records.column("uid").to_pylist()]
+            where = [offsets[u] for u in kept]
             extra = {"tar": pa.array([str(tar)] * n, pa.string()),
                      "offset": pa.array([w[0] for w in where], pa.int64()),
                      "size": pa.array([w[1] for w in where], pa.int64()), **extra}  # fmt: skip
