@@ -124,10 +124,11 @@ def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, v
 
         return run
     if scorer == "audio_text":
-        from curation.models.hf import load_clap, resolve_hf
+        from curation.models.hf import load_clap
+        from curation.scoring.decode import AudioFeatures
 
         model, tokenizer, fe = load_clap(spec)
-        plan = DecodePlan(audio_extractor=resolve_hf(spec, "clap"))
+        plan = DecodePlan(audio=AudioFeatures.of(fe))
         x = torch.as_tensor(np.stack([decode_one(b, "audio", plan) for b in data]))
         enc = tokenizer(captions, padding=True, return_tensors="pt")
 
@@ -235,9 +236,10 @@ def decode_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, vi
     if not scorer.endswith("_text"):
         return None
     if scorer == "audio_text":
-        from curation.models.hf import resolve_hf
+        from curation.models.hf import load_clap_feature_extractor
+        from curation.scoring.decode import AudioFeatures
 
-        plan = DecodePlan(audio_extractor=resolve_hf(spec, "clap"))
+        plan = DecodePlan(audio=AudioFeatures.of(load_clap_feature_extractor(spec)))
     else:
         from curation.models.clip import clip_preprocess_cfg, resolve_clip
 
@@ -261,7 +263,7 @@ def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
     data["score"]["decode_num_cpus"] = 0.5
     key = {"image_text": "image_text", "video_text": "image_text", "audio_text": "audio_text"}.get(scorer, scorer)
     if key in data["score"]:
-        data["score"][key].update({"batch_size": batch, "num_cpus": 1.0, **spec_overrides.get(key, {})})
+        data["score"][key].update({"batch_size": batch, **spec_overrides.get(key, {})})
     return load_config(data=data)
 
 

@@ -51,7 +51,7 @@ def load_clap(spec: Any, device: str = "cpu", precision: str = "fp32"):
 
 
 def load_clap_feature_extractor(spec: Any):
-    """Only the audio feature extractor (no weights): decode tasks turn audio into model inputs with it."""
+    """Only the audio feature extractor (no weights): the decode plan takes what decode tasks need from it."""
     from transformers import ClapFeatureExtractor
 
     return ClapFeatureExtractor.from_pretrained(resolve_hf(spec, "clap"))

@@ -26,27 +26,52 @@ def image_transform(preprocess_cfg: dict[str, Any]):
 
 
 class ImagePreprocessor:
-    """open_clip's inference preprocessing for one model, split in two: the geometric part (resize, crop) runs in
-    decode tasks and yields small uint8 arrays; :meth:`to_tensor` (scale and normalise) runs next to the model.
-    Together they equal open_clip's own transform."""
+    """open_clip's inference preprocessing for one model, split in two: the geometric part (resize, crop or pad)
+    runs in decode tasks and yields small uint8 arrays; :meth:`to_tensor` (scale and normalise) runs next to the
+    model. Together they equal open_clip's own transform (a test compares them pixel for pixel, in every resize
+    mode).
+
+    The geometry is open_clip's, step for step, in plain PIL and numpy: building open_clip's transform imports
+    open_clip, torch and torchvision, which took 5.7 s of CPU in every new decode worker process, more than
+    decoding a thousand images."""
 
     def __init__(self, preprocess_cfg: dict[str, Any]):
-        from open_clip.transform import PreprocessCfg
-
-        keys = PreprocessCfg.__dataclass_fields__
-        cfg = PreprocessCfg(**{k: v for k, v in preprocess_cfg.items() if k in keys})
-        steps = image_transform(preprocess_cfg).transforms
-        cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
-        self.geometry = steps[:cut]
-        self.size = cfg.size if isinstance(cfg.size, int) else cfg.size[0]
-        self.mean = tuple(float(m) for m in cfg.mean)
-        self.std = tuple(float(s) for s in cfg.std)
+        size = preprocess_cfg.get("size", 224)
+        self.hw: tuple[int, int] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.size = max(self.hw)
+        self.mode = preprocess_cfg.get("resize_mode") or "shortest"
+        if self.mode not in ("shortest", "longest", "squash"):
+            raise ValueError(f"resize_mode: {self.mode!r} is not shortest, longest or squash")
+        self.bilinear = preprocess_cfg.get("interpolation") == "bilinear"  # open_clip: anything else is bicubic
+        self.fill = int(preprocess_cfg.get("fill_color") or 0)
+        self.mean = tuple(float(m) for m in preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.std = tuple(float(s) for s in preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
 
     def pixels(self, img) -> np.ndarray:
         """RGB PIL image -> uint8 array (H, W, 3) at the model's input size."""
-        for step in self.geometry:
-            img = step(img)
-        return np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
+        from PIL import Image
+
+        bicubic = Image.Resampling.BICUBIC
+        resample = Image.Resampling.BILINEAR if self.bilinear else bicubic
+        (th, tw), (w, h) = self.hw, img.size
+        fill = 0
+        if self.mode == "squash":  # torchvision Resize((h, w))
+            new = (th, tw)
+        elif self.mode == "longest":  # open_clip ResizeKeepRatio(longest=1) + CenterCropOrPad(fill_color)
+            new = _keep_ratio((h, w), self.hw, longest=True)
+            fill = self.fill
+        elif th == tw:  # torchvision Resize(size): the shorter edge to size, the longer in proportion, truncated
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = th, int(th * long / short)
+            new = (new_long, new_short) if w <= h else (new_short, new_long)
+        else:  # open_clip ResizeKeepRatio(size) at its default bicubic, whatever the interpolation
+            new, resample = _keep_ratio((h, w), self.hw, longest=False), bicubic
+        if new != (h, w):  # torchvision leaves an image already at the size untouched
+            img = img.resize((new[1], new[0]), resample)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        arr = np.asarray(img, dtype=np.uint8)
+        return arr if self.mode == "squash" else _center_crop_or_pad(arr, self.hw, fill)
 
     @staticmethod
     def to_tensor(pixels, mean, std, device="cpu", dtype=None):
@@ -58,6 +83,25 @@ class ImagePreprocessor:
         s = torch.tensor(std, device=device).view(1, -1, 1, 1)
         x = (x - m) / s
         return x.to(dtype) if dtype is not None else x
+
+
+def _keep_ratio(hw: tuple[int, int], target: tuple[int, int], longest: bool) -> tuple[int, int]:
+    """open_clip's ``ResizeKeepRatio`` size at inference: scale by the longest (or shortest) edge's ratio."""
+    rh, rw = hw[0] / target[0], hw[1] / target[1]
+    ratio = max(rh, rw) if longest else min(rh, rw)
+    return round(hw[0] / ratio), round(hw[1] / ratio)
+
+
+def _center_crop_or_pad(arr: np.ndarray, hw: tuple[int, int], fill: int) -> np.ndarray:
+    """torchvision's ``center_crop`` (``fill`` 0) and open_clip's ``center_crop_or_pad``: pad an edge shorter than
+    the target (the odd pixel after), then take the centre, rounding the offset half to even as they do."""
+    (th, tw), (h, w) = hw, arr.shape[:2]
+    if th > h or tw > w:
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        arr = np.pad(arr, ((ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)), constant_values=fill)
+        h, w = arr.shape[:2]
+    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    return np.ascontiguousarray(arr[top : top + th, left : left + tw])
 
 
 def open_image(data: bytes, target_size: int | None = None):
@@ -203,13 +247,13 @@ def _open_audio(data: bytes):
 @dataclass
 class DecodePlan:
     """What the decode tasks turn media into: the geometric preprocessing of the image-text model for images and
-    video frames (``None``: that modality is not scored), the number of frames, and the CLAP feature extractor
-    (a model folder or id; ``None``: audio is not scored)."""
+    video frames (``None``: that modality is not scored), the number of frames, and the CLAP inputs
+    (:class:`AudioFeatures`; ``None``: audio is not scored)."""
 
     image: dict[str, Any] | None = None
     video: dict[str, Any] | None = None
     video_frames: int = 8
-    audio_extractor: str | None = None
+    audio: AudioFeatures | None = None
 
 
 INPUT_COLUMNS = ("inputs", "input_shape")
@@ -220,31 +264,58 @@ def _image_preprocessor(cfg_json: str) -> ImagePreprocessor:
     return ImagePreprocessor(json.loads(cfg_json))
 
 
-@lru_cache(maxsize=2)
-def _feature_extractor(source: str):
-    from transformers import ClapFeatureExtractor
+@dataclass
+class AudioFeatures:
+    """A CLAP feature extractor's computation as plain numbers and its mel filter bank, taken from the extractor on
+    the driver, so decode tasks compute CLAP inputs with numpy alone: importing transformers to build the extractor
+    took 2.7 s of CPU in every new decode worker process.
 
-    return ClapFeatureExtractor.from_pretrained(source)
+    Each clip is cut to the extractor's maximum length first, so its random crop never runs and a score never
+    changes from one run to the next. With the cut, both of the extractor's modes reduce to one log-mel of the
+    padded clip: ``rand_trunc`` (unfused models) takes it with Slaney filters as one channel, ``fusion`` with HTK
+    filters repeated over its four channels."""
+
+    sampling_rate: int
+    max_samples: int
+    padding: str
+    n_fft: int
+    hop: int
+    filters: np.ndarray
+    channels: int
+
+    @classmethod
+    def of(cls, fe) -> AudioFeatures:
+        """The computation of a transformers ``ClapFeatureExtractor`` (its truncation and padding modes are
+        checked: a new mode must not be computed the old way without notice)."""
+        if fe.truncation not in ("fusion", "rand_trunc") or fe.padding not in ("pad", "repeatpad", "repeat"):
+            raise ValueError(f"CLAP feature extractor: truncation {fe.truncation!r} with padding {fe.padding!r} is "
+                             "not supported (known: fusion or rand_trunc; pad, repeatpad or repeat)")  # fmt: skip
+        fusion = fe.truncation == "fusion"
+        return cls(sampling_rate=fe.sampling_rate, max_samples=fe.nb_max_samples, padding=fe.padding,
+                   n_fft=fe.fft_window_size, hop=fe.hop_length, channels=4 if fusion else 1,
+                   filters=fe.mel_filters if fusion else fe.mel_filters_slaney)  # fmt: skip
+
+    def __call__(self, waves: list[np.ndarray]) -> np.ndarray:
+        """CLAP inputs (N, C, T, F) for mono waveforms at ``sampling_rate``."""
+        waves = [np.asarray(w, dtype=np.float32)[: self.max_samples] for w in waves]
+        mels = [self.log_mel(_pad(w, self.max_samples, self.padding)).astype(np.float32) for w in waves]
+        return np.stack([np.repeat(m[None], self.channels, axis=0) for m in mels])
+
+    def log_mel(self, wave: np.ndarray) -> np.ndarray:
+        """(T, n_mels) log-mel power spectrogram in dB: centred frames (reflect padding), periodic Hann window,
+        the mel filters and a 1e-10 floor, as ``ClapFeatureExtractor`` computes it frame by frame, vectorised
+        (about ten times faster)."""
+        x = np.pad(wave.astype(np.float64), (self.n_fft // 2, self.n_fft // 2), mode="reflect")
+        frames = np.lib.stride_tricks.sliding_window_view(x, self.n_fft)[:: self.hop]
+        window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.n_fft) / self.n_fft)
+        power = np.abs(np.fft.rfft(frames * window, n=self.n_fft)) ** 2
+        return 10.0 * np.log10(np.maximum(power @ self.filters, 1e-10))
 
 
 def audio_features(feature_extractor, waves: list[np.ndarray]) -> np.ndarray:
-    """CLAP inputs (N, C, T, F) for mono waveforms at the extractor's rate, each cut to the extractor's maximum
-    length first, so its random crop never runs and a score never changes from one run to the next.
-
-    The spectrogram is computed here, vectorised: the same frames, window, filters and dB scale as the extractor's
-    own frame-by-frame loop, about ten times faster. With the cut, both of the extractor's modes reduce to one
-    log-mel of the padded clip: ``rand_trunc`` (unfused models) takes it with Slaney filters as one channel,
-    ``fusion`` with HTK filters repeated over its four channels."""
-    fe = feature_extractor
-    limit = fe.nb_max_samples
-    waves = [np.asarray(w, dtype=np.float32)[:limit] for w in waves]
-    if fe.truncation not in ("fusion", "rand_trunc") or fe.padding not in ("pad", "repeatpad", "repeat"):
-        out = fe(waves, sampling_rate=fe.sampling_rate, return_tensors="np")
-        return out["input_features"].astype(np.float32)
-    fusion = fe.truncation == "fusion"
-    filters = fe.mel_filters if fusion else fe.mel_filters_slaney
-    mels = [_log_mel(_pad(w, limit, fe.padding), fe, filters).astype(np.float32) for w in waves]
-    return np.stack([np.repeat(m[None], 4 if fusion else 1, axis=0) for m in mels])
+    """CLAP inputs (N, C, T, F) for mono waveforms at a ``ClapFeatureExtractor``'s rate (see
+    :class:`AudioFeatures`)."""
+    return AudioFeatures.of(feature_extractor)(waves)
 
 
 def _pad(wave: np.ndarray, length: int, how: str) -> np.ndarray:
@@ -259,17 +330,6 @@ def _pad(wave: np.ndarray, length: int, how: str) -> np.ndarray:
     return np.pad(wave, (0, length - len(wave)))
 
 
-def _log_mel(wave: np.ndarray, fe, filters: np.ndarray) -> np.ndarray:
-    """(T, n_mels) log-mel power spectrogram in dB: centred frames (reflect padding), periodic Hann window, the
-    given mel ``filters`` and a 1e-10 floor, as ``ClapFeatureExtractor`` computes it."""
-    n_fft, hop = fe.fft_window_size, fe.hop_length
-    x = np.pad(wave.astype(np.float64), (n_fft // 2, n_fft // 2), mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
-    power = np.abs(np.fft.rfft(frames * window, n=n_fft)) ** 2
-    return 10.0 * np.log10(np.maximum(power @ filters, 1e-10))
-
-
 def decode_one(data: bytes, modality: str, plan: DecodePlan, num_frames: int | None = None) -> np.ndarray | None:
     """Model-ready array for one record: uint8 (H, W, 3) for an image, (F, H, W, 3) for a video, float32 (1, T, F)
     features for audio; ``None`` when that modality is not scored. Raises :class:`DecodeError`."""
@@ -279,9 +339,9 @@ def decode_one(data: bytes, modality: str, plan: DecodePlan, num_frames: int | N
     if modality == "video" and plan.video is not None:
         pre = _image_preprocessor(json.dumps(plan.video, sort_keys=True))
         return np.stack([pre.pixels(f) for f in sample_video_frames(data, plan.video_frames, num_frames)])
-    if modality == "audio" and plan.audio_extractor is not None:
-        fe = _feature_extractor(plan.audio_extractor)
-        return audio_features(fe, [decode_audio(data, fe.sampling_rate, fe.nb_max_samples / fe.sampling_rate)])[0]
+    if modality == "audio" and plan.audio is not None:
+        audio = plan.audio
+        return audio([decode_audio(data, audio.sampling_rate, audio.max_samples / audio.sampling_rate)])[0]
     return None
 
 

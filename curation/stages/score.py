@@ -254,10 +254,11 @@ class ScoreStage(Stage):
             plan.video = preprocess if "video_text" in media else None
             pools.append((ClipSimilarityScorer, cfg.image_text))
         if "audio_text" in media:
-            from curation.models.hf import resolve_hf
+            from curation.models.hf import load_clap_feature_extractor
             from curation.scoring.clap_similarity import ClapSimilarityScorer
+            from curation.scoring.decode import AudioFeatures
 
-            plan.audio_extractor = resolve_hf(cfg.audio_text, "clap")
+            plan.audio = AudioFeatures.of(load_clap_feature_extractor(cfg.audio_text))
             pools.append((ClapSimilarityScorer, cfg.audio_text))
         return plan, pools
 

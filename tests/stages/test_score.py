@@ -90,6 +90,67 @@ def test_fast_clap_features_equal_the_extractors_own(sample_dir, labels):
 
 
 @pytest.mark.quick
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+def test_image_geometry_equals_open_clips_transform_pixel_for_pixel(resize_mode):
+    """The decode tasks' resize and crop (plain PIL and numpy) against open_clip's own transform, on images larger,
+    smaller, thinner and at the size of the target, square and not, for both interpolations and a pad colour."""
+    from PIL import Image
+
+    from curation.scoring.decode import ImagePreprocessor, image_transform
+
+    rng = np.random.default_rng(0)
+    shapes = [(48, 48), (300, 200), (200, 300), (47, 101), (20, 30), (49, 48), (1000, 37), (56, 40), (97, 97)]
+    for interpolation in ("bicubic", "bilinear"):
+        for size in (48, (40, 56), (56, 40)):
+            cfg = {"size": size, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": interpolation,
+                   "resize_mode": resize_mode, "fill_color": 127}  # fmt: skip
+            steps = image_transform(cfg).transforms
+            geometry = steps[: next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)]
+            ours = ImagePreprocessor(cfg)
+            for w, h in shapes:
+                img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                ref = img
+                for step in geometry:
+                    ref = step(ref)
+                got = ours.pixels(img)
+                assert np.array_equal(got, np.asarray(ref)), (interpolation, size, (w, h))
+
+
+def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_models, tmp_path):
+    """A new decode worker must start light: the score stage's decode plan, unpickled in a fresh interpreter,
+    decodes an image, a video and an audio clip without importing torch, open_clip or transformers (importing
+    them took 5.7 s of CPU in every new worker process)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from curation.stages.base import StageContext
+    from curation.stages.score import ScoreStage
+
+    config = load_config(data={"name": "t", "stages": ["score"]})
+    stage = ScoreStage(StageContext(tmp_path, config))
+    plan, _ = stage._plan(ScoreConfig(), ["image_text", "video_text", "audio_text"])
+    rows = {m: next(r for r in labels if r["modality"] == m and r["defect"] is None and r["path"].startswith("media/"))
+            for m in ("image", "video", "audio")}  # fmt: skip
+    (tmp_path / "plan.pkl").write_bytes(pickle.dumps(plan))
+    script = (
+        "import pickle, sys\n"
+        "from curation.scoring.decode import decode_one\n"
+        f"plan = pickle.loads(open({str(tmp_path / 'plan.pkl')!r}, 'rb').read())\n"
+        + "".join(
+            f"print(decode_one(open({str(sample_dir / r['path'])!r}, 'rb').read(), {m!r}, plan).shape)\n"
+            for m, r in rows.items()
+        )  # fmt: skip
+        + "print(sorted(m for m in ('torch', 'open_clip', 'transformers', 'torchvision') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    lines = out.stdout.strip().splitlines()
+    size = plan.image["size"]
+    assert lines[0] == str((size, size, 3)) and lines[1] == str((8, size, size, 3)) and lines[2].startswith("(1, ")
+    assert lines[-1] == "[]", out.stdout
+
+
+@pytest.mark.quick
 def test_text_quality_statistics_follow_gopher():
     from curation.scoring.text_quality import TextQualityScorer
 
