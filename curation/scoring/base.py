@@ -51,16 +51,24 @@ class MediaTextScorer(Scorer):
         from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_input
 
         todo, rows = media_rows(batch, self.modalities)
-        scores: list[float] = []
-        embeddings: list[list[float]] = []
+        scores: list[np.ndarray] = []
+        embeddings: list[np.ndarray] = []
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             sims, embs = self.score([row_input(batch, rows, i) for i in chunk], [rows["caption"][i] for i in chunk])
-            scores += [float(s) for s in sims]
-            embeddings += [e.astype(np.float32).tolist() for e in embs]
-        batch = fill_rows(batch, "clip_score", todo, scores, pa.float64())
-        batch = fill_rows(batch, "embedding", todo, embeddings, EMBEDDING_TYPE)
+            scores.append(np.asarray(sims, dtype=np.float64))
+            embeddings.append(np.asarray(embs, dtype=np.float32))
+        if todo:  # whole columns from the arrays: no Python float per value
+            batch = fill_rows(batch, "clip_score", todo, pa.array(np.concatenate(scores)), pa.float64())
+            batch = fill_rows(batch, "embedding", todo, list_array(np.concatenate(embeddings)), EMBEDDING_TYPE)
         return batch.drop_columns(list(INPUT_COLUMNS)) if self.drop_inputs else batch
+
+
+def list_array(rows: np.ndarray) -> pa.Array:
+    """A 2-D array as a ``list<float32>`` column, one list per row, built from its buffer without a copy per row."""
+    n, dim = rows.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1)))
 
 
 def resolve_device(spec: Any, has_gpu: bool) -> tuple[str, str]:
@@ -93,11 +101,22 @@ def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     return table.set_column(i, name, values)
 
 
-def fill_rows(table: pa.Table, name: str, rows: list[int], values: list[Any], type_: pa.DataType) -> pa.Table:
+def fill_rows(
+    table: pa.Table, name: str, rows: list[int], values: list[Any] | pa.Array, type_: pa.DataType
+) -> pa.Table:
     """Set column ``name`` at the row positions ``rows`` (other rows keep their value, or null)."""
-    if len(rows) == table.num_rows and rows == list(range(len(rows))):  # every row, in order: no merge
-        return set_column(table, name, pa.array(values, type_))
-    current = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-    for i, v in zip(rows, values):
-        current[i] = v
-    return set_column(table, name, pa.array(current, type_))
+    import pyarrow.compute as pc
+
+    values = values if isinstance(values, pa.Array) else pa.array(values, type_)
+    if values.type != type_:
+        values = values.cast(type_)
+    n = table.num_rows
+    if len(rows) == n and rows == list(range(n)):  # every row, in order: no merge
+        return set_column(table, name, values)
+    where = np.full(n, -1, dtype=np.int64)
+    where[rows] = np.arange(len(rows))
+    placed = values.take(pa.array(where, mask=where < 0))
+    if name in table.column_names:
+        current = table.column(name).combine_chunks()
+        placed = pc.if_else(pa.array(where >= 0), placed, current.cast(type_) if current.type != type_ else current)
+    return set_column(table, name, placed)

@@ -44,12 +44,10 @@ class ClipSimilarityScorer(MediaTextScorer):
         x = ImagePreprocessor.to_tensor(frames, self.mean, self.std, self.device, self.dtype)
         with torch.inference_mode():
             emb = F.normalize(self.model.encode_image(x).float(), dim=-1)
-        out, start = [], 0
-        for a in arrays:
-            n = 1 if a.ndim == 3 else a.shape[0]
-            out.append(F.normalize(emb[start : start + n].mean(0), dim=-1))
-            start += n
-        return torch.stack(out)
+        counts = torch.tensor([1 if a.ndim == 3 else a.shape[0] for a in arrays], device=emb.device)
+        owner = torch.repeat_interleave(torch.arange(len(arrays), device=emb.device), counts)
+        pooled = torch.zeros(len(arrays), emb.shape[1], device=emb.device).index_add_(0, owner, emb)
+        return F.normalize(pooled / counts[:, None], dim=-1)
 
     def embed_text(self, captions: list[str]):
         import torch
