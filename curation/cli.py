@@ -112,14 +112,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
     from curation.runner import Run
-    from curation.sample import SampleServer, generate_sample, write_url_lists
+    from curation.sample import generate_sample, write_url_lists
 
     sample_dir = Path(args.sample)
     marker = sample_dir / "sample.json"
     if not marker.is_file() or json.loads(marker.read_text()).get("seed") != args.seed:
         log.info("demo: generating the embedded sample in %s", sample_dir)
         generate_sample(sample_dir, seed=args.seed, progress=True)
-    with SampleServer(sample_dir, port=args.port) as server:
+    with _demo_server(sample_dir, args.port) as server:
         urls = write_url_lists(sample_dir, server.base_url)["parquet"]
         overrides = [f"input.path={urls}", *args.overrides]
         config = load_config(args.pipeline, overrides)
@@ -136,6 +136,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_outputs(run_dir, state)
     print(f"\nsample data: {sample_dir} (labels: {sample_dir / 'labels.parquet'})")
     return 0
+
+
+SAMPLE_PORT = 8642  # fixed, so the demo's URLs (and its uids, shards and training batches) are the same every run
+
+
+def _demo_server(sample_dir: Path, port: int | None):
+    """The demo's sample server: on ``port`` when given (0: any free port), else on :data:`SAMPLE_PORT`, or on any
+    free port when that one is taken (the run is then complete and correct, but its uids differ from a default
+    demo's, as every URL holds the port)."""
+    import errno
+
+    from curation.sample import SampleServer
+
+    server = SampleServer(sample_dir, port=SAMPLE_PORT if port is None else port)
+    try:
+        return server.start()
+    except OSError as e:
+        if port is not None or e.errno != errno.EADDRINUSE:
+            raise
+    log.warning("demo: port %d is in use; serving the sample on a free port instead (record uids will differ "
+                "from a default demo's)", SAMPLE_PORT)  # fmt: skip
+    return SampleServer(sample_dir, port=0).start()
 
 
 def _use_ray_auth_token() -> None:
@@ -243,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="folder to write the sample to")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
-    p.add_argument("--base-url", default="http://127.0.0.1:8642", help="server address written into the URL lists")
+    p.add_argument("--base-url", default=f"http://127.0.0.1:{SAMPLE_PORT}",
+                   help="server address written into the URL lists")  # fmt: skip
     p.add_argument("--serve", action="store_true", help="also serve it on loopback until Ctrl-C")
-    p.add_argument("--port", type=int, default=8642, help="port for --serve")
+    p.add_argument("--port", type=int, default=SAMPLE_PORT, help="port for --serve")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -257,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--sample", default="runs/sample", help="sample folder (default: runs/sample)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=0, help="sample server port (default: any free port)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"sample server port (default: {SAMPLE_PORT}, or any free port when it is taken; 0: any free "
+                   "port). The port is part of every URL, so a fixed one gives the same uids, shards and training "
+                   "batches every run")  # fmt: skip
     p.add_argument("--pipeline", default=str(REPO_ROOT / "pipelines" / "demo.yaml"))
     _add_set(p)
     p.set_defaults(func=cmd_demo)

@@ -40,3 +40,25 @@ def test_stage_subcommand_needs_a_run_dir(tmp_path, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "curation.cli", "--help"], capture_output=True, text=True, check=True)
     assert "crawl" in out.stdout and "submit" in out.stdout
+
+
+def test_demo_serves_on_its_fixed_port_and_falls_back_when_taken(tmp_path):
+    """The demo's URLs hold the sample server's port, and record uids hash the URLs: a fixed port makes every
+    default demo produce the same uids, shards and training batches. A taken port must not stop the demo."""
+    import socket
+
+    from curation.cli import SAMPLE_PORT, _demo_server
+
+    blocker = socket.socket()
+    try:
+        blocker.bind(("127.0.0.1", SAMPLE_PORT))  # whether we or something else holds it, it is taken now
+        blocker.listen()
+    except OSError:
+        pass
+    with _demo_server(tmp_path, None) as server:
+        assert server.port not in (0, SAMPLE_PORT) and server.base_url.endswith(f":{server.port}")
+    blocker.close()
+    with _demo_server(tmp_path, None) as server:
+        assert server.port == SAMPLE_PORT
+    with _demo_server(tmp_path, 0) as server:  # explicitly any free port
+        assert server.port != SAMPLE_PORT
