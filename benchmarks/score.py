@@ -10,7 +10,13 @@ with the same torch thread count as the actor (one). It prints records/s of both
 Pipeline records/s is steady state, by difference: the crawl's default shard size (1,000 records), and runs over
 N and 4N copies of the same shards. Both start the same workers and actors and load the same models, so
 (extra records) / (extra time) is the per-record rate with those fixed costs cancelled (reported apart as
-"start s"), while every per-shard cost (a task, a tar index, a parquet read) stays in, as in a real run.
+"start s"), while every per-shard cost (a task, a tar index, a parquet read) stays in, as in a real run. The
+scorers run with the stage's default CPU reservations.
+
+This machine's speed drifts by up to 1.7x between minutes, so each ratio is taken from references (the bare rate
+over at least a second of calls, and the decode rate) measured right before its own pair of pipeline runs; with
+the tiny models three such measurements are made per scorer, and the figures printed are their medians, with the
+range of the ratios.
 
 Decoding runs on the same two cores as the model, so when decoding a record costs more than its forward, no
 pipeline reaches the bare rate. The "bound" column is the best any schedule can do here: the bare rate, or, when
@@ -48,8 +54,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARD_SIZE = 1000  # the crawl's default
 GROWTH = 4  # throughput: a run over 4N shard copies minus one over N
-WORK_S = {"tiny": 6.0, "base": 30.0}  # seconds of bare-model work in the larger timed run
+# seconds of bare-model work in the larger timed run: the text scorers run near the bare rate, so their runs are
+# short next to the pipeline's start (about 10 s, which varies by a second or two): they get more work
+WORK_S = {"tiny": 6.0, "tiny-text": 20.0, "base": 30.0}
 CORES = 2
+REPEATS = {"tiny": 3, "base": 1}  # (references, pipeline pair) measurements per scorer; the figures are medians
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -85,15 +94,15 @@ def crawled_run(folder: Path, run_dir: Path, shard_size: int = 128):
 # -- bare forward ---------------------------------------------------------------------------------------------------
 
 
-def bare_rate(fn, batch_size: int, repeats: int = 5) -> float:
-    """Records/s of ``fn()`` (one batch), median of ``repeats`` after a warm-up call."""
+def bare_rate(fn, batch_size: int, min_seconds: float = 1.0, min_calls: int = 3) -> float:
+    """Records/s of ``fn()`` (one batch) over at least ``min_calls`` calls and ``min_seconds``, after a warm-up call:
+    a window long enough that one busy moment of the machine does not decide the figure."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    calls, started = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - started < min_seconds:
         fn()
-        times.append(time.perf_counter() - t)
-    return batch_size / statistics.median(times)
+        calls += 1
+    return calls * batch_size / (time.perf_counter() - started)
 
 
 def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int):
@@ -212,19 +221,13 @@ def run_pipeline(config, run_dir: Path) -> tuple[int, float]:
     return n, time.perf_counter() - started
 
 
-def pipeline_rate(config, run_dir: Path, copies: int, repeats: int = 1) -> dict[str, float]:
-    """Steady-state records/s of the pipeline, by difference: a run over ``GROWTH * copies`` copies of the crawl
-    shards minus a run over ``copies``. Both start the same workers and actors and load the same models, so those
-    costs cancel; the per-shard and per-record costs of the extra shards remain. An untimed run first starts the
-    worker processes that both timed runs then reuse. With ``repeats``, the median of that many pairs of runs."""
-    small, large = replicated_run(run_dir, copies), replicated_run(run_dir, GROWTH * copies)
-    run_pipeline(config, small)  # warm-up: Ray keeps the worker processes (and their imports) for the timed runs
-    pairs = []
-    for _ in range(repeats):
-        n_small, t_small = run_pipeline(config, small)
-        n_all, t_all = run_pipeline(config, large)
-        pairs.append(((t_all - t_small) / (n_all - n_small), t_small, t_all))
-    per_record, t_small, t_all = sorted(pairs)[len(pairs) // 2]
+def pipeline_rate(config, small: Path, large: Path) -> dict[str, float]:
+    """Steady-state records/s of the pipeline, by difference: a run over the ``large`` shard copies minus a run over
+    the ``small`` ones. Both start the same workers and actors and load the same models, so those costs cancel; the
+    per-shard and per-record costs of the extra shards remain."""
+    n_small, t_small = run_pipeline(config, small)
+    n_all, t_all = run_pipeline(config, large)
+    per_record = (t_all - t_small) / (n_all - n_small)
     return {"records": n_all, "steady": 1 / per_record if per_record > 0 else float("nan"),
             "end_to_end": n_all / t_all, "start_s": t_small - n_small * per_record}  # fmt: skip
 
@@ -391,25 +394,34 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
                 for r in t.to_pylist()]  # fmt: skip
         bs = spec.batch_size if scorer != "text_quality" else 256
         forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames)
-        bare = bare_rate(forward, bs)
-        decode = decode_rate(scorer, spec, rows, run_dir, config.score.video_frames)
         # enough copies for about WORK_S seconds of bare model work in the larger run
-        copies = max(1, math.ceil(bare * WORK_S[size] / (GROWTH * len(rows))))
-        # cheap scorers: short runs, where this machine's noise shows most; the median of three pairs
-        pipe = pipeline_rate(config, run_dir, copies, repeats=3 if size == "tiny" and decode is None else 1)
-        # the best of before and after: a busy moment on the machine must not lower the references
-        bare = max(bare, bare_rate(forward, bs))
-        if decode is not None:
-            decode = max(decode, decode_rate(scorer, spec, rows, run_dir, config.score.video_frames))
-        bound = bare if decode is None else min(bare, CORES / (1 / bare + 1 / decode))
-        row = {"size": size, "scorer": scorer, "batch": bs, "records": pipe["records"],
-               "pipeline_rps": round(pipe["steady"], 1), "end_to_end_rps": round(pipe["end_to_end"], 1),
-               "start_s": round(pipe["start_s"], 1), "bare_rps": round(bare, 1),
-               "decode_rps": round(decode, 1) if decode else None, "bound_rps": round(bound, 1),
-               "ratio": round(pipe["steady"] / bare, 2), "of_bound": round(pipe["steady"] / bound, 2)}  # fmt: skip
+        work = WORK_S[size if size == "base" or scorer.endswith("_text") else "tiny-text"]
+        copies = max(1, math.ceil(bare_rate(forward, bs) * work / (GROWTH * len(rows))))
+        small, large = replicated_run(run_dir, copies), replicated_run(run_dir, GROWTH * copies)
+        run_pipeline(config, small)  # warm-up: Ray keeps the worker processes (and their imports) for the timed runs
+        pairs = []
+        for _ in range(REPEATS[size]):  # each ratio from references taken right before its pipeline runs
+            bare = bare_rate(forward, bs)
+            decode = decode_rate(scorer, spec, rows, run_dir, config.score.video_frames)
+            pipe = pipeline_rate(config, small, large)
+            bound = bare if decode is None else min(bare, CORES / (1 / bare + 1 / decode))
+            pairs.append({**pipe, "bare": bare, "decode": decode, "bound": bound, "ratio": pipe["steady"] / bare,
+                          "of_bound": pipe["steady"] / bound})  # fmt: skip
+        ratios = sorted(p["ratio"] for p in pairs)
+        row = {"size": size, "scorer": scorer, "batch": bs, "records": pairs[0]["records"], "pairs": len(pairs),
+               "pipeline_rps": _median(pairs, "steady"), "end_to_end_rps": _median(pairs, "end_to_end"),
+               "start_s": _median(pairs, "start_s"), "bare_rps": _median(pairs, "bare"),
+               "decode_rps": _median(pairs, "decode"), "bound_rps": _median(pairs, "bound"),
+               "ratio": _median(pairs, "ratio", 2), "ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)],
+               "of_bound": _median(pairs, "of_bound", 2)}  # fmt: skip
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
+
+
+def _median(rows: list[dict[str, Any]], key: str, digits: int = 1) -> float | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return round(statistics.median(values), digits) if values else None
 
 
 def main() -> int:
@@ -465,10 +477,11 @@ def _print_table(results: dict[str, Any]) -> None:
         "ratio = pipeline / bare, target >= 0.8; bound = bare, or the cores over one record's decode + forward)"
     )
     print(f"{'size':<5} {'scorer':<13} {'batch':>5} {'records':>8} {'pipeline':>9} {'bare':>9} {'ratio':>6} "
-          f"{'decode':>8} {'bound':>9} {'of bound':>8} {'start s':>7}")  # fmt: skip
+          f"{'range':>11} {'decode':>8} {'bound':>9} {'of bound':>8} {'start s':>7}")  # fmt: skip
     for r in results["throughput"]:
+        spread = "{:.2f}-{:.2f}".format(*r["ratio_range"])
         print(f"{r['size']:<5} {r['scorer']:<13} {r['batch']:>5} {r['records']:>8} {r['pipeline_rps']:>9} "
-              f"{r['bare_rps']:>9} {r['ratio']:>6} {r['decode_rps'] or '-':>8} {r['bound_rps']:>9} "
+              f"{r['bare_rps']:>9} {r['ratio']:>6} {spread:>11} {r['decode_rps'] or '-':>8} {r['bound_rps']:>9} "
               f"{r['of_bound']:>8} {r['start_s']:>7}")  # fmt: skip
     if results["memory"]:
         print("\nscore stage, all scorers, peak RSS of driver + Ray processes")
