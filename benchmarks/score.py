@@ -5,7 +5,8 @@
 For each scorer (image-text, video-text, audio-text, perplexity, language id, text quality) it runs the score
 stage's own Ray Data pipeline (``ScoreStage.dataset``: index -> decode tasks -> actor pool) on a crawled run of one
 modality, and, in the same process and run, the bare model forward on pre-decoded tensors at the same batch size
-with the same torch thread count as the actor (one). It prints records/s of both and their ratio (target >= 0.8).
+with the same torch thread count as the actor (one), over the same records (captions sorted by length for the
+language model, as its actor batches them). It prints records/s of both and their ratio (target >= 0.8).
 
 Pipeline records/s is steady state, by difference: the crawl's default shard size (1,000 records), and runs over
 N and 4N copies of the same shards. Both start the same workers and actors and load the same models, so
@@ -14,7 +15,7 @@ N and 4N copies of the same shards. Both start the same workers and actors and l
 scorers run with the stage's default CPU reservations.
 
 This machine's speed drifts by up to 1.7x between minutes, so each ratio is taken from references (the bare rate
-over at least a second of calls, and the decode rate) measured right before its own pair of pipeline runs; with
+over at least a second of passes over the records, and the decode rate) measured right before its own pair of pipeline runs; with
 the tiny models three such measurements are made per scorer, and the figures printed are their medians, with the
 range of the ratios.
 
@@ -94,42 +95,45 @@ def crawled_run(folder: Path, run_dir: Path, shard_size: int = 128):
 # -- bare forward ---------------------------------------------------------------------------------------------------
 
 
-def bare_rate(fn, batch_size: int, min_seconds: float = 1.0, min_calls: int = 3) -> float:
-    """Records/s of ``fn()`` (one batch) over at least ``min_calls`` calls and ``min_seconds``, after a warm-up call:
-    a window long enough that one busy moment of the machine does not decide the figure."""
+def bare_rate(fn, records: int, min_seconds: float = 1.0, min_calls: int = 1) -> float:
+    """Records/s of ``fn()`` (one pass over ``records`` records) over at least ``min_calls`` calls and
+    ``min_seconds``, after a warm-up call: a window long enough that one busy moment does not decide the figure."""
     fn()
     calls, started = 0, time.perf_counter()
     while calls < min_calls or time.perf_counter() - started < min_seconds:
         fn()
         calls += 1
-    return calls * batch_size / (time.perf_counter() - started)
+    return calls * records / (time.perf_counter() - started)
 
 
 def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int):
-    """A function running the bare model once on one pre-decoded batch of ``spec.batch_size`` records."""
+    """A function running the bare model over every record of ``rows``, pre-decoded (and pre-tokenized), in
+    batches of ``spec.batch_size`` as the stage's actor makes them: the same records the pipeline scores, so
+    neither side gains from a lucky batch (short captions, a warm cache from repeating one batch)."""
     import torch
 
     from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
 
     torch.set_num_threads(1)  # as the actor: one thread per reserved CPU (the pools reserve fractions)
-    n = spec.batch_size
-    rows = (rows * (n // max(len(rows), 1) + 1))[:n]
+    n = spec.batch_size if scorer != "text_quality" else 256
     captions = [r["caption"] for r in rows]
     data = [_media_bytes(run_dir, r) for r in rows] if scorer.endswith("_text") else []
+    cut = [slice(i, i + n) for i in range(0, len(rows), n)]
     if scorer in ("image_text", "video_text"):
         from curation.models.clip import load_clip
 
         model, tokenizer, cfg = load_clip(spec)
         plan = DecodePlan(image=cfg, video=cfg, video_frames=video_frames)
         arrays = [decode_one(b, r["modality"], plan, r.get("num_frames")) for b, r in zip(data, rows)]
-        frames = np.concatenate([a[None] if a.ndim == 3 else a for a in arrays])
-        x = ImagePreprocessor.to_tensor(frames, cfg["mean"], cfg["std"])
-        tokens = tokenizer(captions)
+        frames = [np.concatenate([a[None] if a.ndim == 3 else a for a in arrays[c]]) for c in cut]
+        batches = [(ImagePreprocessor.to_tensor(f, cfg["mean"], cfg["std"]), tokenizer(captions[c]))
+                   for f, c in zip(frames, cut)]  # fmt: skip
 
         def run():
             with torch.inference_mode():
-                model.encode_image(x)
-                model.encode_text(tokens)
+                for x, tokens in batches:
+                    model.encode_image(x)
+                    model.encode_text(tokens)
 
         return run
     if scorer == "audio_text":
@@ -138,27 +142,31 @@ def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, v
 
         model, tokenizer, fe = load_clap(spec)
         plan = DecodePlan(audio=AudioFeatures.of(fe))
-        x = torch.as_tensor(np.stack([decode_one(b, "audio", plan) for b in data]))
-        enc = tokenizer(captions, padding=True, return_tensors="pt")
+        x = np.stack([decode_one(b, "audio", plan) for b in data])
+        batches = [(torch.as_tensor(x[c]), tokenizer(captions[c], padding=True, return_tensors="pt")) for c in cut]
 
         def run():
             with torch.inference_mode():
-                model.get_audio_features(input_features=x)
-                model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                for features, enc in batches:
+                    model.get_audio_features(input_features=features)
+                    model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
 
         return run
     if scorer == "perplexity":
         from curation.scoring.perplexity import PerplexityScorer
 
         ppl = PerplexityScorer(spec)
-        ids = ppl.encode(captions)
-        width = max(len(i) for i in ids)
-        input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+        ids = sorted(ppl.encode(captions), key=len)  # the actor's batches: similar lengths, little padding
+        batches = []
+        for c in cut:
+            width = max(len(i) for i in ids[c])
+            batches.append((torch.tensor([i + [0] * (width - len(i)) for i in ids[c]]),
+                            torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids[c]])))  # fmt: skip
 
         def run():
             with torch.inference_mode():
-                ppl.model(input_ids=input_ids, attention_mask=mask)
+                for input_ids, mask in batches:
+                    ppl.model(input_ids=input_ids, attention_mask=mask)
 
         return run
     if scorer == "language":
@@ -166,7 +174,12 @@ def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, v
 
         model = load_language_id()
         texts = [" ".join(c.split()) for c in captions]
-        return lambda: model.predict(texts, k=1)
+
+        def run():
+            for c in cut:
+                model.predict(texts[c], k=1)
+
+        return run
     from curation.scoring.text_quality import text_stats
 
     return lambda: [text_stats(c) for c in captions]
@@ -394,14 +407,14 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
                 for r in t.to_pylist()]  # fmt: skip
         bs = spec.batch_size if scorer != "text_quality" else 256
         forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames)
-        # enough copies for about WORK_S seconds of bare model work in the larger run
         work = WORK_S[size if size == "base" or scorer.endswith("_text") else "tiny-text"]
-        copies = max(1, math.ceil(bare_rate(forward, bs) * work / (GROWTH * len(rows))))
+        # enough copies for about WORK_S seconds of bare model work in the larger run
+        copies = max(1, math.ceil(bare_rate(forward, len(rows)) * work / (GROWTH * len(rows))))
         small, large = replicated_run(run_dir, copies), replicated_run(run_dir, GROWTH * copies)
         run_pipeline(config, small)  # warm-up: Ray keeps the worker processes (and their imports) for the timed runs
         pairs = []
         for _ in range(REPEATS[size]):  # each ratio from references taken right before its pipeline runs
-            bare = bare_rate(forward, bs)
+            bare = bare_rate(forward, len(rows))
             decode = decode_rate(scorer, spec, rows, run_dir, config.score.video_frames)
             pipe = pipeline_rate(config, small, large)
             bound = bare if decode is None else min(bare, CORES / (1 / bare + 1 / decode))
