@@ -106,16 +106,15 @@ def bare_rate(fn, records: int, min_seconds: float = 1.0, min_calls: int = 1) ->
     return calls * records / (time.perf_counter() - started)
 
 
-def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int):
+def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, n: int):
     """A function running the bare model over every record of ``rows``, pre-decoded (and pre-tokenized), in
-    batches of ``spec.batch_size`` as the stage's actor makes them: the same records the pipeline scores, so
+    batches of ``n`` as the stage makes them: the same records the pipeline scores, so
     neither side gains from a lucky batch (short captions, a warm cache from repeating one batch)."""
     import torch
 
     from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
 
     torch.set_num_threads(1)  # as the actor: one thread per reserved CPU (the pools reserve fractions)
-    n = spec.batch_size if scorer != "text_quality" else 256
     captions = [r["caption"] for r in rows]
     data = [_media_bytes(run_dir, r) for r in rows] if scorer.endswith("_text") else []
     cut = [slice(i, i + n) for i in range(0, len(rows), n)]
@@ -406,7 +405,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
         rows = [r for t in ScoreStage(StageContext(run_dir.resolve(), config)).kept_records().values()
                 for r in t.to_pylist()]  # fmt: skip
         bs = spec.batch_size if scorer != "text_quality" else 256
-        forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames)
+        forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames, bs)
         work = WORK_S[size if size == "base" or scorer.endswith("_text") else "tiny-text"]
         # enough copies for about WORK_S seconds of bare model work in the larger run
         copies = max(1, math.ceil(bare_rate(forward, len(rows)) * work / (GROWTH * len(rows))))
