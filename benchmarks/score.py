@@ -28,6 +28,10 @@ tiny bootstrap models are decode-bound in this sense; the base-size ones are not
 transformers' default ClapConfig and GPT-2 124M), where the model, not decoding, dominates as with real models;
 ``tiny`` uses the embedded bootstrap models, whose forward is so cheap that decoding bounds the pipeline on CPU.
 
+With a GPU (``--device cuda``, the default where one is present) the models run on it in fp16 as the stage runs
+them, the bare forward's inputs already on the GPU, Ray gets every core for decoding, and every batch is
+``GPU_BATCH`` times the CPU one.
+
 Memory: the whole score stage (all scorers, tiny models) on N records and on 10N, with the peak resident memory of
 the driver and every Ray process (sampled every 0.2 s) for both; flat means the 10N peak stays near the N peak.
 """
@@ -57,8 +61,9 @@ SHARD_SIZE = 1000  # the crawl's default
 GROWTH = 4  # throughput: a run over 4N shard copies minus one over N
 # seconds of bare-model work in the larger timed run: the text scorers run near the bare rate, so their runs are
 # short next to the pipeline's start (about 10 s, which varies by a second or two): they get more work
-WORK_S = {"tiny": 6.0, "tiny-text": 20.0, "base": 30.0}
-CORES = 2
+WORK_S = {"tiny": 6.0, "tiny-text": 20.0, "base": 30.0, "gpu": 8.0}
+CORES = 2  # the cluster's CPUs: 2 on CPU machines (the target machine), every core with a GPU
+GPU_BATCH = 4  # with a GPU every scorer's batch is this many times its CPU batch (as a GPU user would set it)
 REPEATS = {"tiny": 3, "base": 1}  # (references, pipeline pair) measurements per scorer; the figures are medians
 
 
@@ -106,66 +111,79 @@ def bare_rate(fn, records: int, min_seconds: float = 1.0, min_calls: int = 1) ->
     return calls * records / (time.perf_counter() - started)
 
 
-def bare_forward(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, n: int):
+def bare_forward(
+    scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, n: int, gpu: bool = False
+):
     """A function running the bare model over every record of ``rows``, pre-decoded (and pre-tokenized), in
     batches of ``n`` as the stage makes them: the same records the pipeline scores, so
-    neither side gains from a lucky batch (short captions, a warm cache from repeating one batch)."""
+    neither side gains from a lucky batch (short captions, a warm cache from repeating one batch). With ``gpu``
+    the model runs where and as the stage's actor runs it (the GPU, fp16), its inputs already on the GPU."""
     import torch
 
+    from curation.scoring.base import resolve_device
     from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
 
-    torch.set_num_threads(1)  # as the actor: one thread per reserved CPU (the pools reserve fractions)
+    if not gpu:
+        torch.set_num_threads(1)  # as the actor: one thread per reserved CPU (the pools reserve fractions)
+    device, precision = resolve_device(spec, gpu)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     captions = [r["caption"] for r in rows]
     data = [_media_bytes(run_dir, r) for r in rows] if scorer.endswith("_text") else []
     cut = [slice(i, i + n) for i in range(0, len(rows), n)]
     if scorer in ("image_text", "video_text"):
-        from curation.models.clip import load_clip
+        from curation.models.clip import input_dtype, load_clip
 
-        model, tokenizer, cfg = load_clip(spec)
+        model, tokenizer, cfg = load_clip(spec, device, precision)
+        dtype = input_dtype(precision)
         plan = DecodePlan(image=cfg, video=cfg, video_frames=video_frames)
         arrays = [decode_one(b, r["modality"], plan, r.get("num_frames")) for b, r in zip(data, rows)]
         frames = [np.concatenate([a[None] if a.ndim == 3 else a for a in arrays[c]]) for c in cut]
-        batches = [(ImagePreprocessor.to_tensor(f, cfg["mean"], cfg["std"]), tokenizer(captions[c]))
-                   for f, c in zip(frames, cut)]  # fmt: skip
+        batches = [(ImagePreprocessor.to_tensor(f, cfg["mean"], cfg["std"], device, dtype),
+                    tokenizer(captions[c]).to(device)) for f, c in zip(frames, cut)]  # fmt: skip
 
         def run():
             with torch.inference_mode():
                 for x, tokens in batches:
                     model.encode_image(x)
                     model.encode_text(tokens)
+            sync()
 
         return run
     if scorer == "audio_text":
         from curation.models.hf import load_clap
         from curation.scoring.decode import AudioFeatures
 
-        model, tokenizer, fe = load_clap(spec)
+        model, tokenizer, fe = load_clap(spec, device, precision)
+        dtype = next(model.parameters()).dtype
         plan = DecodePlan(audio=AudioFeatures.of(fe))
         x = np.stack([decode_one(b, "audio", plan) for b in data])
-        batches = [(torch.as_tensor(x[c]), tokenizer(captions[c], padding=True, return_tensors="pt")) for c in cut]
+        batches = [(torch.as_tensor(x[c], device=device, dtype=dtype),
+                    tokenizer(captions[c], padding=True, return_tensors="pt").to(device)) for c in cut]  # fmt: skip
 
         def run():
             with torch.inference_mode():
                 for features, enc in batches:
                     model.get_audio_features(input_features=features)
                     model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            sync()
 
         return run
     if scorer == "perplexity":
         from curation.scoring.perplexity import PerplexityScorer
 
-        ppl = PerplexityScorer(spec)
+        ppl = PerplexityScorer(spec, has_gpu=gpu)
         ids = sorted(ppl.encode(captions), key=len)  # the actor's batches: similar lengths, little padding
         batches = []
         for c in cut:
             width = max(len(i) for i in ids[c])
-            batches.append((torch.tensor([i + [0] * (width - len(i)) for i in ids[c]]),
-                            torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids[c]])))  # fmt: skip
+            batches.append((torch.tensor([i + [0] * (width - len(i)) for i in ids[c]], device=device),
+                            torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids[c]], device=device)))  # fmt: skip
 
         def run():
             with torch.inference_mode():
                 for input_ids, mask in batches:
                     ppl.model(input_ids=input_ids, attention_mask=mask)
+            sync()
 
         return run
     if scorer == "language":
@@ -376,7 +394,8 @@ def memory_run(sample: Path, tmp: Path, copies: int) -> dict[str, float]:
 # -- main -------------------------------------------------------------------------------------------------------------
 
 
-def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] | None = None) -> list[dict[str, Any]]:
+def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] | None = None,
+               gpu: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """One row per scorer: pipeline and bare records/s on single-modality crawled runs."""
     from curation.stages.base import StageContext
     from curation.stages.score import ScoreStage
@@ -395,7 +414,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
             ("perplexity", "image", 128), ("language", "image", 512), ("text_quality", "image", 256)]  # fmt: skip
     if size == "base":  # no model behind language id and text quality: nothing to size up
         plan = plan[:4]
-    plan = [p for p in plan if only is None or p[0] in only]
+    plan = [(s, m, b * GPU_BATCH if gpu else b) for s, m, b in plan if only is None or s in only]
     out = []
     for scorer, modality, batch in plan:
         config, run_dir = runs[modality]
@@ -405,8 +424,8 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
         rows = [r for t in ScoreStage(StageContext(run_dir.resolve(), config)).kept_records().values()
                 for r in t.to_pylist()]  # fmt: skip
         bs = spec.batch_size if scorer != "text_quality" else 256
-        forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames, bs)
-        work = WORK_S[size if size == "base" or scorer.endswith("_text") else "tiny-text"]
+        forward = bare_forward(scorer, spec, rows, run_dir, config.score.video_frames, bs, gpu)
+        work = WORK_S["gpu" if gpu else size if size == "base" or scorer.endswith("_text") else "tiny-text"]
         # enough copies for about WORK_S seconds of bare model work in the larger run
         copies = max(1, math.ceil(bare_rate(forward, len(rows)) * work / (GROWTH * len(rows))))
         small, large = replicated_run(run_dir, copies), replicated_run(run_dir, GROWTH * copies)
@@ -416,11 +435,12 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
             bare = bare_rate(forward, len(rows))
             decode = decode_rate(scorer, spec, rows, run_dir, config.score.video_frames)
             pipe = pipeline_rate(config, small, large)
-            bound = bare if decode is None else min(bare, CORES / (1 / bare + 1 / decode))
+            # the cores over one record's CPU work: its decode, and its forward unless that runs on the GPU
+            bound = bare if decode is None else min(bare, CORES / (1 / decode + (0 if gpu else 1 / bare)))
             pairs.append({**pipe, "bare": bare, "decode": decode, "bound": bound, "ratio": pipe["steady"] / bare,
                           "of_bound": pipe["steady"] / bound})  # fmt: skip
         ratios = sorted(p["ratio"] for p in pairs)
-        row = {"size": size, "scorer": scorer, "batch": bs, "records": pairs[0]["records"], "pairs": len(pairs),
+        row = {"size": size, "device": "cuda" if gpu else "cpu", "scorer": scorer, "batch": bs, "records": pairs[0]["records"], "pairs": len(pairs),
                "pipeline_rps": _median(pairs, "steady"), "end_to_end_rps": _median(pairs, "end_to_end"),
                "start_s": _median(pairs, "start_s"), "bare_rps": _median(pairs, "bare"),
                "decode_rps": _median(pairs, "decode"), "bound_rps": _median(pairs, "bound"),
@@ -444,6 +464,9 @@ def main() -> int:
     ap.add_argument("--memory-records", type=int, default=240, help="clean images for the memory check's 1x")
     ap.add_argument("--scorers", nargs="+", default=None, help="only these scorers (default: all)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help=f"cuda: models on the GPU (fp16), Ray on every core, batches x{GPU_BATCH} (auto: cuda if "
+                    "present)")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -454,10 +477,16 @@ def main() -> int:
     from curation.models.bootstrap import bootstrap
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator progress lines, when not on a tty
+    import torch
+
     from curation.sample import generate_sample
 
+    global CORES
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    CORES = (os.cpu_count() or 2) if gpu else 2
     bootstrap()  # trained (or found) before the clock and before Ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=CORES, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="ERROR")
+    print(f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}, {CORES} CPUs for Ray", flush=True)
     results: dict[str, Any] = {"throughput": [], "memory": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     try:
@@ -465,7 +494,7 @@ def main() -> int:
         n_img = max(args.images, 192)
         generate_sample(sample, seed=7, n_image=n_img, n_video=n_img // 8, n_audio=n_img // 2, defect_rate=0.0)
         for size in ["tiny", "base"] if args.size == "both" else [args.size]:
-            results["throughput"] += throughput(size, sample, tmp, n_img, args.scorers)
+            results["throughput"] += throughput(size, sample, tmp, n_img, args.scorers, gpu)
         if not args.skip_memory:
             msample = tmp / "msample"
             n = args.memory_records

@@ -94,6 +94,15 @@ def clip_preprocess_cfg(source: ClipSource) -> dict[str, Any]:
     return merge_preprocess_dict(cfg, source.preprocess)
 
 
+def input_dtype(precision: str):
+    """The dtype of the pixels an open_clip model loaded at ``precision`` takes. Not its first parameter's: at
+    fp16/bf16 open_clip casts the matrix weights only, and the class and position embeddings stay fp32."""
+    import open_clip
+    import torch
+
+    return open_clip.get_input_dtype(precision) or torch.float32
+
+
 def load_clip(spec: Any, device: str = "cpu", precision: str = "fp32"):
     """Load an open_clip model with safe loaders (safetensors, or ``torch.load(weights_only=True)``).
 

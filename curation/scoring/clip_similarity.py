@@ -23,12 +23,12 @@ class ClipSimilarityScorer(MediaTextScorer):
     modalities = ("image", "video")
 
     def __init__(self, spec: Any, has_gpu: bool = False, drop_inputs: bool = False):
-        from curation.models.clip import load_clip
+        from curation.models.clip import input_dtype, load_clip
 
         limit_threads(spec.num_cpus)
         self.device, precision = resolve_device(spec, has_gpu)
         self.model, self.tokenizer, cfg = load_clip(spec, self.device, precision)
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = input_dtype(precision)
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
         self.batch_size = spec.batch_size
         self.drop_inputs = drop_inputs

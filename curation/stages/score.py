@@ -103,11 +103,13 @@ def _pool_kwargs(spec: ScoreConfig.Model, gpus: float, uses_gpu: bool = True, te
     """Ray Data actor-pool arguments for one model: fractional CPUs always, a GPU share when the cluster has GPUs.
     A text scorer's actor takes whole blocks (whole shards) a call and splits them into model batches of
     ``spec.batch_size`` itself: Ray Data's slicing and merging cost about a microsecond a record at 512-record
-    calls, a fifth of a fastText prediction, and a call never holds part of a shard."""
+    calls, a fifth of a fastText prediction, and a call never holds part of a shard. On a GPU, where Ray Data
+    requires a batch size, it takes ``spec.batch_size`` rows a call like the media scorers (the slicing is small
+    next to a GPU forward, and fp16 scores are reproducible up to rounding only anyway)."""
     on_gpu = uses_gpu and gpus > 0 and spec.device != "cpu"
     num_gpus = (spec.num_gpus if spec.num_gpus is not None else 1 / 3) if on_gpu else 0
     concurrency = spec.concurrency or (max(1, int(gpus)) if on_gpu else 1)
-    batch = None if text else spec.batch_size
+    batch = None if text and not num_gpus else spec.batch_size
     kwargs: dict[str, Any] = {"concurrency": concurrency, "num_cpus": spec.num_cpus, "batch_size": batch}
     if num_gpus:
         kwargs["num_gpus"] = num_gpus

@@ -298,6 +298,27 @@ def use_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def worker_count(cfg: TrainConfig, stage: StageArgs, gpus: float | None) -> int:
+    """Ray Train workers to start: ``num_workers``, or, on GPUs (``gpus`` is the cluster's GPU count, ``None`` on
+    CPU), at most one a GPU: each worker takes a whole GPU, and Ray Train would wait forever for a worker group
+    the cluster cannot hold. Of those, the most that still divides the global batch into micro-batches (the
+    global batch, and so the training, stay the same: fewer workers accumulate more micro-batches)."""
+    from curation.config import ConfigError
+
+    if gpus is None:
+        return cfg.num_workers
+    if gpus < 1:
+        raise ConfigError(["train.use_gpu: true, but the Ray cluster has no GPU"])
+    n = min(cfg.num_workers, int(gpus))
+    while n > 1 and stage.global_batch_size % (stage.micro_batch_size * n):
+        n -= 1
+    if n < cfg.num_workers:
+        logging.getLogger("curation").warning(
+            "train: %d workers asked for, %s GPUs in the cluster: training on %d (global batch %d unchanged)",
+            cfg.num_workers, int(gpus), n, stage.global_batch_size)  # fmt: skip
+    return n
+
+
 def train_stage(cfg: TrainConfig, stage_name: str, refs: list, out: Path, init_from: Path | None = None) -> dict:
     """Run one training stage on Ray Train (Ray must be initialised); returns a summary."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -316,7 +337,10 @@ def train_stage(cfg: TrainConfig, stage_name: str, refs: list, out: Path, init_f
         },
     )
     prepare_models(cfg.model, {r.modality for r in refs})
+    import ray
+
     gpu = use_gpu(cfg)
+    workers = worker_count(cfg, getattr(cfg, stage_name), ray.cluster_resources().get("GPU", 0) if gpu else None)
     resources = {"GPU": 1, "CPU": cfg.num_cpus_per_worker} if gpu else {"CPU": cfg.num_cpus_per_worker}
     trainer = TorchTrainer(
         train_worker,
@@ -330,7 +354,7 @@ def train_stage(cfg: TrainConfig, stage_name: str, refs: list, out: Path, init_f
             "fail_at": int(os.environ.get(FAIL_ENV, "0") or 0),
         },  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"train-{stage_name}",
             storage_path=str(out / "ray"),

@@ -183,21 +183,52 @@ def test_actor_pools_fit_the_cluster_and_take_gpus_when_there_are_some():
     gpu = _pool_kwargs(cfg.image_text, gpus=2)
     assert gpu["num_gpus"] == pytest.approx(1 / 3) and gpu["concurrency"] == 2
     assert "num_gpus" not in _pool_kwargs(cfg.language, gpus=2, uses_gpu=False)
+    # text scorers take whole blocks a call on CPU; Ray Data refuses a GPU pool without a batch size
+    assert _pool_kwargs(cfg.perplexity, gpus=0, text=True)["batch_size"] is None
+    lm = _pool_kwargs(cfg.perplexity, gpus=1, text=True)
+    assert lm["num_gpus"] == pytest.approx(1 / 3) and lm["batch_size"] == cfg.perplexity.batch_size
+    assert _pool_kwargs(cfg.language, gpus=1, uses_gpu=False, text=True)["batch_size"] is None
 
 
 @pytest.mark.gpu
-def test_clip_scorer_on_gpu_matches_cpu(bootstrap_models, sample_dir, labels):
-    from curation.scoring.clip_similarity import ClipSimilarityScorer
-    from curation.scoring.decode import DecodePlan, decode_one
+def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
+    """On a GPU each model scorer runs in fp16, its inputs in the model's input dtype, and gives the CPU's scores."""
+    import torch
 
-    cpu = ClipSimilarityScorer(ScoreConfig.Model())
-    gpu = ClipSimilarityScorer(ScoreConfig.Model(), has_gpu=True)
-    assert gpu.device.startswith("cuda") and gpu.dtype != cpu.dtype  # fp16 by default on GPU
-    plan = DecodePlan(image=cpu.model.visual.preprocess_cfg)
-    rows = [r for r in labels if r["modality"] == "image" and r["defect"] is None][:16]
-    arrays = [decode_one((sample_dir / r["path"]).read_bytes(), "image", plan) for r in rows]
-    captions = [r["caption"] for r in rows]
-    assert np.allclose(cpu.score(arrays, captions)[0], gpu.score(arrays, captions)[0], atol=2e-2)
+    from curation.models.hf import load_clap_feature_extractor
+    from curation.scoring.clap_similarity import ClapSimilarityScorer
+    from curation.scoring.clip_similarity import ClipSimilarityScorer
+    from curation.scoring.decode import AudioFeatures, DecodePlan, decode_one
+    from curation.scoring.perplexity import PerplexityScorer
+
+    spec = ScoreConfig.Model()
+    clean = {
+        m: [r for r in labels if r["modality"] == m and r["defect"] is None][:12] for m in ("image", "video", "audio")
+    }
+    cpu, gpu = ClipSimilarityScorer(spec), ClipSimilarityScorer(spec, has_gpu=True)
+    assert gpu.device.startswith("cuda") and cpu.dtype == torch.float32 and gpu.dtype == torch.float16
+    assert next(gpu.model.visual.parameters()).device.type == "cuda"
+    plan = DecodePlan(image=cpu.model.visual.preprocess_cfg, video=cpu.model.visual.preprocess_cfg, video_frames=4)
+    plan.audio = AudioFeatures.of(load_clap_feature_extractor(spec))
+    inputs = {m: ([decode_one((sample_dir / r["path"]).read_bytes(), m, plan) for r in rows],
+                  [r["caption"] for r in rows]) for m, rows in clean.items()}  # fmt: skip
+    mixed = (inputs["image"][0][:6] + inputs["video"][0][:6], inputs["image"][1][:6] + inputs["video"][1][:6])
+    for arrays, captions in (inputs["image"], mixed):  # images alone, and images with videos (frames pooled)
+        (want, want_emb), (got, got_emb) = cpu.score(arrays, captions), gpu.score(arrays, captions)
+        assert got.shape == want.shape == (len(arrays),) and np.allclose(want, got, atol=2e-2)
+        assert np.allclose(want_emb, got_emb, atol=2e-2) and np.allclose(np.linalg.norm(got_emb, axis=1), 1, atol=1e-3)
+
+    cpu_clap, gpu_clap = ClapSimilarityScorer(spec), ClapSimilarityScorer(spec, has_gpu=True)
+    assert gpu_clap.dtype == torch.float16
+    want, got = cpu_clap.score(*inputs["audio"])[0], gpu_clap.score(*inputs["audio"])[0]
+    assert np.allclose(want, got, atol=2e-2)
+
+    captions = [r["caption"] for rows in clean.values() for r in rows]
+    cpu_lm, gpu_lm = PerplexityScorer(spec), PerplexityScorer(spec, has_gpu=True)
+    assert next(gpu_lm.model.parameters()).dtype == torch.float16
+    want = np.array(cpu_lm.perplexities(cpu_lm.encode(captions)))
+    got = np.array(gpu_lm.perplexities(gpu_lm.encode(captions)))
+    assert np.all(np.isfinite(got)) and np.allclose(np.log(want), np.log(got), atol=2e-2)
 
 
 @pytest.mark.quick

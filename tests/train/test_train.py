@@ -78,3 +78,20 @@ def test_train_needs_the_release_stage(small_release, tmp_path):
 
     with pytest.raises(ConfigError, match="needs the release stage"):
         TrainStage(StageContext(tmp_path, config)).run("crawl")
+
+
+@pytest.mark.quick
+def test_gpu_workers_never_outnumber_the_gpus():
+    """Each worker takes a whole GPU: asking for more than the cluster has would leave Ray Train waiting forever
+    (seen on a one-GPU machine with the default two workers). The global batch stays whole."""
+    from curation.train.args import StageArgs, TrainConfig
+    from curation.train.loop import worker_count
+
+    cfg = TrainConfig(num_workers=4)
+    stage = StageArgs(global_batch_size=96, micro_batch_size=8)  # divisible by 8 x {1, 2, 3, 4}
+    assert worker_count(cfg, stage, None) == 4  # CPU workers: as asked
+    assert [worker_count(cfg, stage, g) for g in (1, 2, 3, 4, 8)] == [1, 2, 3, 4, 4]
+    odd = StageArgs(global_batch_size=64, micro_batch_size=8)  # 64 = 8 x 8: three workers would not divide it
+    assert worker_count(cfg, odd, 3) == 2
+    with pytest.raises(ConfigError, match="no GPU"):
+        worker_count(cfg, stage, 0)
