@@ -4,7 +4,8 @@ One Ray Data pipeline over the crawl shards, streaming:
 
     shards -> index (tar offsets of the kept records)
            -> decode (tasks: images and video frames through the image model's preprocessing, audio to CLAP
-              features; a record the crawl accepted but that cannot be decoded is marked ``undecodable``)
+              features; a record the crawl accepted but that cannot be decoded is marked ``undecodable``;
+              the perplexity LM's token ids, so that tokenizing is not the actor's work)
            -> ClipSimilarityScorer (actors: image and video rows) -> ClapSimilarityScorer (actors: audio rows)
            -> PerplexityScorer (actors) -> LanguageIdScorer (actors) -> text quality (tasks)
            -> driver: per shard, once all its records are back, write
@@ -180,6 +181,7 @@ class ScoreStage(Stage):
         import ray
 
         from curation.scoring.decode import decode_batch
+        from curation.scoring.perplexity import add_lm_ids
         from curation.scoring.text_quality import text_quality_batch
 
         present = {m for t in pending.values() for m in t.column("modality").to_pylist()}
@@ -224,11 +226,25 @@ class ScoreStage(Stage):
                                 batch_format="pyarrow", num_cpus=decode_cpus)  # fmt: skip
         else:
             ds = ds.map_batches(without_media, batch_format="pyarrow", **small)
+        tokens = self._lm_tokens(cfg)
+        if tokens is not None:  # the LM's token ids, made where decoding is (not on the actor's core)
+            step = {"batch_size": cfg.decode_batch_size, "num_cpus": decode_cpus} if pools else small
+            ds = ds.map_batches(add_lm_ids, fn_kwargs={"tokens": tokens}, batch_format="pyarrow", **step)
         for scorer_cls, ctor, kwargs in stages:
             ds = ds.map_batches(scorer_cls, fn_constructor_kwargs=ctor, batch_format="pyarrow", **_map_args(kwargs))
         if "text_quality" in cfg.scorers:
             ds = ds.map_batches(text_quality_batch, batch_format="pyarrow", batch_size=256, **small)
         return ds
+
+    @staticmethod
+    def _lm_tokens(cfg: ScoreConfig):
+        """The perplexity model's tokenizer for the tasks, or ``None`` (no perplexity, or a tokenizer without a
+        Rust backend: then the actor tokenizes)."""
+        if "perplexity" not in cfg.scorers:
+            return None
+        from curation.scoring.perplexity import LmTokens
+
+        return LmTokens.for_model(cfg.perplexity)
 
     def _plan(self, cfg: ScoreConfig, media: list[str]):
         """The decode plan and the media scorer pools. Bootstrap models are trained here, on the driver, before

@@ -118,8 +118,8 @@ def test_image_geometry_equals_open_clips_transform_pixel_for_pixel(resize_mode)
 
 def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_models, tmp_path):
     """A new decode worker must start light: the score stage's decode plan, unpickled in a fresh interpreter,
-    decodes an image, a video and an audio clip without importing torch, open_clip or transformers (importing
-    them took 5.7 s of CPU in every new worker process)."""
+    decodes an image, a video and an audio clip, and the LM's ids step tokenizes, without importing torch,
+    open_clip or transformers (importing them took 5.7 s of CPU in every new worker process)."""
     import pickle
     import subprocess
     import sys
@@ -133,10 +133,15 @@ def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_mode
     rows = {m: next(r for r in labels if r["modality"] == m and r["defect"] is None and r["path"].startswith("media/"))
             for m in ("image", "video", "audio")}  # fmt: skip
     (tmp_path / "plan.pkl").write_bytes(pickle.dumps(plan))
+    (tmp_path / "tokens.pkl").write_bytes(pickle.dumps(stage._lm_tokens(ScoreConfig())))  # the LM's ids step
     script = (
         "import pickle, sys\n"
+        "import pyarrow as pa\n"
         "from curation.scoring.decode import decode_one\n"
+        "from curation.scoring.perplexity import add_lm_ids\n"
         f"plan = pickle.loads(open({str(tmp_path / 'plan.pkl')!r}, 'rb').read())\n"
+        f"tokens = pickle.loads(open({str(tmp_path / 'tokens.pkl')!r}, 'rb').read())\n"
+        "print(add_lm_ids(pa.table({'caption': ['a red circle']}), tokens).column('lm_ids')[0].as_py()[0])\n"
         + "".join(
             f"print(decode_one(open({str(sample_dir / r['path'])!r}, 'rb').read(), {m!r}, plan).shape)\n"
             for m, r in rows.items()
@@ -145,6 +150,7 @@ def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_mode
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
     lines = out.stdout.strip().splitlines()
+    assert lines.pop(0) == "1"  # the LM's first id: its beginning-of-text token
     size = plan.image["size"]
     assert lines[0] == str((size, size, 3)) and lines[1] == str((8, size, size, 3)) and lines[2].startswith("(1, ")
     assert lines[-1] == "[]", out.stdout
@@ -160,6 +166,36 @@ def test_text_quality_statistics_follow_gopher():
     assert out["text_alpha_words_ratio"][0] > 0.9 and out["text_alpha_words_ratio"][1] < 0.5
     assert out["text_stop_words"][0] == 1 and out["text_type_token_ratio"][2] == pytest.approx(1 / 6)
     assert out["text_dup_5gram_ratio"][2] > 0.1 and out["text_dup_5gram_ratio"][0] == 0
+
+
+@pytest.mark.quick
+def test_lm_token_ids_made_in_tasks_score_as_the_actors_own(bootstrap_models, labels):
+    """The LM's ids a task adds (the ``tokenizers`` library alone) are the transformers tokenizer's, and the actor
+    scores them as it scores captions it tokenizes itself, sliced blocks included."""
+    import pickle
+
+    from curation.scoring.perplexity import IDS_COLUMN, LmTokens, PerplexityScorer, add_lm_ids
+
+    spec = ScoreConfig.Model()
+    scorer = PerplexityScorer(spec)
+    captions = [r["caption"] for r in labels][:300] + ["", "  ", "\u00fcn\u00efc\u00f6d\u00e9\u00a0text", "x " * 400]
+    bos, most = scorer.tokenizer.bos_token_id, scorer.max_tokens
+    want = [x if x[:1] == [bos] else ([bos] + x)[:most]
+            for x in scorer.tokenizer(captions, truncation=True, max_length=most)["input_ids"]]  # fmt: skip
+    assert max(len(x) for x in want) == most  # the long caption is cut at the model's context
+    tokens = pickle.loads(pickle.dumps(LmTokens.for_model(spec)))  # as a task receives it
+    assert tokens.encode(captions) == want
+    n = len(captions)
+    table = pa.table({"uid": [f"u{i}" for i in range(n)], "shard": ["a"] * (n // 2) + ["b"] * (n - n // 2),
+                      "caption": captions})  # fmt: skip
+    with_ids = add_lm_ids(table, tokens)
+    assert with_ids.column(IDS_COLUMN).to_pylist() == want
+    for rows in (slice(0, n), slice(7, n - 5)):
+        a, b = scorer(with_ids[rows]), scorer(table[rows])
+        assert IDS_COLUMN not in a.column_names and a.column("uid").equals(b.column("uid"))
+        assert a.column("perplexity").to_pylist() == b.column("perplexity").to_pylist()
+    got = scorer(with_ids).column("perplexity").to_pylist()
+    assert got[n - 4] is None and got[n - 3] is None and all(p > 1 for p in got[: n - 4])
 
 
 @pytest.mark.quick
