@@ -61,10 +61,15 @@ class LmTokens:
             self._tok = Tokenizer.from_str(self.tokenizer_json)
             self._tok.no_padding()
             self._tok.enable_truncation(self.max_tokens)
-        ids = [e.ids for e in self._tok.encode_batch_fast(captions)]
-        if self.bos is not None:
-            ids = [x if x and x[0] == self.bos else ([self.bos] + x)[: self.max_tokens] for x in ids]
+        return with_bos([e.ids for e in self._tok.encode_batch_fast(captions)], self.bos, self.max_tokens)
+
+
+def with_bos(ids: list[list[int]], bos: int | None, max_tokens: int) -> list[list[int]]:
+    """Each id list starting with the beginning-of-text id (GPT-2's tokenizer does not add one), still at most
+    ``max_tokens`` long."""
+    if bos is None:
         return ids
+    return [x if x and x[0] == bos else ([bos] + x)[:max_tokens] for x in ids]
 
 
 def add_lm_ids(batch: pa.Table, tokens: LmTokens) -> pa.Table:
@@ -121,11 +126,8 @@ class PerplexityScorer(Scorer):
         """Token ids, each starting with the beginning-of-text token (GPT-2's tokenizer does not add one)."""
         if self.tokens is not None:
             return self.tokens.encode(captions)
-        bos = self.tokenizer.bos_token_id
         ids = self.tokenizer(captions, truncation=True, max_length=self.max_tokens)["input_ids"]
-        if bos is not None:
-            ids = [x if x and x[0] == bos else ([bos] + x)[: self.max_tokens] for x in ids]
-        return ids
+        return with_bos(ids, self.tokenizer.bos_token_id, self.max_tokens)
 
     def perplexities(self, ids: list[list[int]]) -> list[float | None]:
         """Perplexity of each id sequence (``None`` for one with nothing after its first token)."""

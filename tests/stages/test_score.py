@@ -196,6 +196,8 @@ def test_lm_token_ids_made_in_tasks_score_as_the_actors_own(bootstrap_models, la
         assert a.column("perplexity").to_pylist() == b.column("perplexity").to_pylist()
     got = scorer(with_ids).column("perplexity").to_pylist()
     assert got[n - 4] is None and got[n - 3] is None and all(p > 1 for p in got[: n - 4])
+    scorer.tokens = None  # a tokenizer without a Rust backend: the actor tokenizes through transformers
+    assert scorer.encode(captions) == want and scorer(table).column("perplexity").to_pylist() == got
 
 
 @pytest.mark.quick
