@@ -483,11 +483,11 @@ def main() -> int:
 
     global CORES
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if gpu and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA GPU on this machine")
     CORES = (os.cpu_count() or 2) if gpu else 2
     bootstrap()  # trained (or found) before the clock and before Ray
     ray.init(num_cpus=CORES, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="ERROR")
-    if gpu and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA GPU on this machine")
     print(f"device: {'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU'}, {CORES} CPUs for Ray", flush=True)
     results: dict[str, Any] = {"throughput": [], "memory": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
