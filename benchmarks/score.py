@@ -15,9 +15,9 @@ N and 4N copies of the same shards. Both start the same workers and actors and l
 scorers run with the stage's default CPU reservations.
 
 This machine's speed drifts by up to 1.7x between minutes, so each ratio is taken from references (the bare rate
-over at least a second of passes over the records, and the decode rate) measured right before its own pair of pipeline runs; with
-the tiny models three such measurements are made per scorer, and the figures printed are their medians, with the
-range of the ratios.
+over at least a second of passes over the records, and the decode rate) measured right before its own pair of
+pipeline runs; with the tiny models three such measurements are made per scorer, and the figures printed are their
+medians, with the range of the ratios.
 
 Decoding runs on the same two cores as the model, so when decoding a record costs more than its forward, no
 pipeline reaches the bare rate. The "bound" column is the best any schedule can do here: the bare rate, or, when
@@ -169,15 +169,14 @@ def bare_forward(
 
         return run
     if scorer == "perplexity":
-        from curation.scoring.perplexity import PerplexityScorer
+        from curation.scoring.perplexity import PerplexityScorer, flat_ids, padded
 
         ppl = PerplexityScorer(spec, has_gpu=gpu)
-        ids = sorted(ppl.encode(captions), key=len)  # the actor's batches: similar lengths, little padding
-        batches = []
-        for c in cut:
-            width = max(len(i) for i in ids[c])
-            batches.append((torch.tensor([i + [0] * (width - len(i)) for i in ids[c]], device=device),
-                            torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids[c]], device=device)))  # fmt: skip
+        # the actor's batches: captions of similar token counts, little padding
+        values, offsets = flat_ids(sorted(ppl.encode(captions), key=len))
+        starts, lengths = offsets[:-1], np.diff(offsets)
+        batches = [tuple(torch.from_numpy(a).to(device) for a in padded(values, starts[c], lengths[c], ppl.pad))
+                   for c in cut]  # fmt: skip
 
         def run():
             with torch.inference_mode():
@@ -440,7 +439,8 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
             pairs.append({**pipe, "bare": bare, "decode": decode, "bound": bound, "ratio": pipe["steady"] / bare,
                           "of_bound": pipe["steady"] / bound})  # fmt: skip
         ratios = sorted(p["ratio"] for p in pairs)
-        row = {"size": size, "device": "cuda" if gpu else "cpu", "scorer": scorer, "batch": bs, "records": pairs[0]["records"], "pairs": len(pairs),
+        row = {"size": size, "device": "cuda" if gpu else "cpu", "scorer": scorer, "batch": bs,
+               "records": pairs[0]["records"], "pairs": len(pairs),
                "pipeline_rps": _median(pairs, "steady"), "end_to_end_rps": _median(pairs, "end_to_end"),
                "start_s": _median(pairs, "start_s"), "bare_rps": _median(pairs, "bare"),
                "decode_rps": _median(pairs, "decode"), "bound_rps": _median(pairs, "bound"),

@@ -81,7 +81,7 @@ def add_lm_ids(batch: pa.Table, tokens: LmTokens) -> pa.Table:
     return batch.append_column(IDS_COLUMN, pa.array(ids, pa.list_(pa.int32())))
 
 
-def _flat(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def flat_ids(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of a list of id lists, as a ``list<int32>`` column's buffers."""
     lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
     offsets = np.zeros(len(ids) + 1, np.int64)
@@ -131,7 +131,7 @@ class PerplexityScorer(Scorer):
 
     def perplexities(self, ids: list[list[int]]) -> list[float | None]:
         """Perplexity of each id sequence (``None`` for one with nothing after its first token)."""
-        values, offsets = _flat(ids)
+        values, offsets = flat_ids(ids)
         return self._perplexities(*padded(values, offsets[:-1], np.diff(offsets), self.pad))
 
     def _perplexities(self, ids: np.ndarray, mask: np.ndarray) -> list[float | None]:
@@ -162,7 +162,7 @@ class PerplexityScorer(Scorer):
             starts, lengths = offsets[:-1][todo], np.diff(offsets)[todo]
             batch = batch.drop_columns([IDS_COLUMN])
         else:
-            values, offsets = _flat(self.encode([captions[i] for i in todo]))
+            values, offsets = flat_ids(self.encode([captions[i] for i in todo]))
             starts, lengths = offsets[:-1], np.diff(offsets)
         order = sorted(range(len(todo)), key=lambda k: (shards[todo[k]], lengths[k], todo[k]))
         chunks: list[list[int]] = []
