@@ -186,14 +186,16 @@ def bare_forward(
 
         return run
     if scorer == "language":
-        from curation.models.text import load_language_id
+        import pyarrow as pa
 
-        model = load_language_id()
-        texts = [" ".join(c.split()) for c in captions]
+        from curation.scoring.language import LanguageIdScorer, fasttext_lines
+
+        lid = LanguageIdScorer(spec)
+        lines = fasttext_lines(pa.array(captions, pa.string())).drop_null().to_pylist()  # made beforehand
 
         def run():
             for c in cut:
-                model.predict(texts[c], k=1)
+                lid.predict_lines(lines[c])  # the C++ batch call alone
 
         return run
     from curation.scoring.text_quality import text_stats

@@ -104,14 +104,14 @@ def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 def fill_rows(
     table: pa.Table, name: str, rows: list[int], values: list[Any] | pa.Array, type_: pa.DataType
 ) -> pa.Table:
-    """Set column ``name`` at the row positions ``rows`` (other rows keep their value, or null)."""
+    """Set column ``name`` at the row positions ``rows`` (increasing; other rows keep their value, or null)."""
     import pyarrow.compute as pc
 
     values = values if isinstance(values, pa.Array) else pa.array(values, type_)
     if values.type != type_:
         values = values.cast(type_)
     n = table.num_rows
-    if len(rows) == n and rows == list(range(n)):  # every row, in order: no merge
+    if len(rows) == n:  # every row (the positions increase): no merge
         return set_column(table, name, values)
     where = np.full(n, -1, dtype=np.int64)
     where[rows] = np.arange(len(rows))

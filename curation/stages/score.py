@@ -5,7 +5,8 @@ One Ray Data pipeline over the crawl shards, streaming:
     shards -> index (tar offsets of the kept records)
            -> decode (tasks: images and video frames through the image model's preprocessing, audio to CLAP
               features; a record the crawl accepted but that cannot be decoded is marked ``undecodable``;
-              the perplexity LM's token ids, so that tokenizing is not the actor's work)
+              the perplexity LM's token ids and fastText's input lines, so that preparing text is not the
+              actors' work)
            -> ClipSimilarityScorer (actors: image and video rows) -> ClapSimilarityScorer (actors: audio rows)
            -> PerplexityScorer (actors) -> LanguageIdScorer (actors) -> text quality (tasks)
            -> driver: per shard, once all its records are back, write
@@ -72,7 +73,7 @@ def index_shard(batch: pa.Table, crawl_dir: str, media: bool = True) -> pa.Table
         for name, values in extra.items():
             records = records.append_column(name, values)
         out.append(records)
-    return pa.concat_tables(out)
+    return pa.concat_tables(out).combine_chunks()  # one chunk a column: Ray serializes a block chunk by chunk
 
 
 def without_media(batch: pa.Table) -> pa.Table:
@@ -80,7 +81,8 @@ def without_media(batch: pa.Table) -> pa.Table:
     return batch.append_column("undecodable", pa.nulls(batch.num_rows, pa.string()))
 
 
-TEXT_BLOCK_RECORDS = 32_768  # records a block holds in runs that score only text
+TEXT_BLOCK_RECORDS = 131_072  # records a block holds at most in runs that score only text
+MIN_TEXT_BLOCKS = 8  # blocks a text-only run has at least, where it has that many shards
 SMALL_TASK_CPUS = 0.1  # reading shard indexes and text statistics: light work that must never wait for a core
 
 
@@ -98,6 +100,19 @@ def _fit_cpus(pools: list[dict[str, Any]], decode_cpus: float, cluster_cpus: flo
     for k in pools:
         k["num_cpus"] *= factor
     return decode_cpus * factor
+
+
+def _num_blocks(items: list[dict[str, Any]], media: bool) -> int:
+    """How many blocks the shards are read in; a block is the unit of every task and actor call.
+
+    One shard each when there is media to decode (decoding spreads over the blocks). Several when there is only
+    text: handing a block between Ray Data operators cost the language-id actor 8% of its time at 32,768 captions
+    a block and 2% at 131,072, so blocks hold up to ``TEXT_BLOCK_RECORDS`` records; but a run has at least
+    ``MIN_TEXT_BLOCKS`` blocks where it has the shards, so that its steps still overlap."""
+    if media:
+        return len(items)
+    records = sum(len(i["uids"]) for i in items)
+    return min(len(items), max(MIN_TEXT_BLOCKS, -(-records // TEXT_BLOCK_RECORDS)))
 
 
 def _pool_kwargs(spec: ScoreConfig.Model, gpus: float, uses_gpu: bool = True, text: bool = False) -> dict[str, Any]:
@@ -181,6 +196,7 @@ class ScoreStage(Stage):
         import ray
 
         from curation.scoring.decode import decode_batch
+        from curation.scoring.language import add_lid_lines
         from curation.scoring.perplexity import add_lm_ids
         from curation.scoring.text_quality import text_quality_batch
 
@@ -211,11 +227,7 @@ class ScoreStage(Stage):
                  or "none")  # fmt: skip
 
         items = [{"shard": s, "uids": t.column("uid").to_pylist()} for s, t in sorted(pending.items())]
-        # a block is the unit of every task and actor call: one shard each when there is media to decode (decoding
-        # spreads over the blocks), several when there is only text, where a block's fixed cost (tens of ms of
-        # scheduling) would outweigh scoring a shard's captions
-        per_block = 1 if pools else max(1, round(TEXT_BLOCK_RECORDS * len(items) / sum(len(i["uids"]) for i in items)))
-        ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_block))
+        ds = ray.data.from_items(items, override_num_blocks=_num_blocks(items, media=bool(pools)))
         # one small task at a time: each concurrent task would start (and import into) one more worker process
         small = {"num_cpus": SMALL_TASK_CPUS, "compute": ray.data.TaskPoolStrategy(size=1)}
         crawl_dir = str(self.ctx.run_dir / "crawl")
@@ -226,10 +238,14 @@ class ScoreStage(Stage):
                                 batch_format="pyarrow", num_cpus=decode_cpus)  # fmt: skip
         else:
             ds = ds.map_batches(without_media, batch_format="pyarrow", **small)
+        # the text models' inputs (the LM's token ids, fastText's lines), made where decoding is, not on the
+        # actors' cores
+        step = {"batch_size": cfg.decode_batch_size, "num_cpus": decode_cpus} if pools else small
         tokens = self._lm_tokens(cfg)
-        if tokens is not None:  # the LM's token ids, made where decoding is (not on the actor's core)
-            step = {"batch_size": cfg.decode_batch_size, "num_cpus": decode_cpus} if pools else small
+        if tokens is not None:
             ds = ds.map_batches(add_lm_ids, fn_kwargs={"tokens": tokens}, batch_format="pyarrow", **step)
+        if "language" in cfg.scorers:
+            ds = ds.map_batches(add_lid_lines, batch_format="pyarrow", **step)
         for scorer_cls, ctor, kwargs in stages:
             ds = ds.map_batches(scorer_cls, fn_constructor_kwargs=ctor, batch_format="pyarrow", **_map_args(kwargs))
         if "text_quality" in cfg.scorers:

@@ -201,6 +201,43 @@ def test_lm_token_ids_made_in_tasks_score_as_the_actors_own(bootstrap_models, la
 
 
 @pytest.mark.quick
+def test_language_id_lines_made_in_tasks_predict_as_fasttexts_own_api(labels):
+    """fastText's input lines, made column-wise (in a task or in the actor), give exactly the predictions of
+    fastText's public ``predict`` on the whitespace-normalised caption; blank captions get no language."""
+    from curation.scoring.language import LINES_COLUMN, LanguageIdScorer, add_lid_lines, fasttext_lines
+
+    scorer = LanguageIdScorer(ScoreConfig.Model(name="lid.176", batch_size=64))
+    odd = ["line one\nline two in english", "Ein\u00a0roter Kreis\u2003oben links\n", "tab\tseparated\x1cwords",
+           "", "   \t", "\u3000\u00a0", "\x1c\x1d", "naïve café  on a  white background", "\u2028x",
+           "  two  spaces and trailing ones  "]  # fmt: skip
+    captions = [r["caption"] for r in labels][:200] + odd
+    n = len(captions)
+    lines = fasttext_lines(pa.chunked_array([captions[:50], captions[50:]]))  # a block of two chunks
+    blank = [i for i, c in enumerate(captions) if not c.split()]
+    assert [i for i, line in enumerate(lines.to_pylist()) if line is None] == blank and len(blank) == 4
+    assert all(line.endswith("\n") and "\n" not in line[:-1] for line in lines.drop_null().to_pylist())
+    table = pa.table({"uid": [f"u{i}" for i in range(n)], "caption": captions})
+    want_lang, want_score = [], []
+    for c in captions:
+        if not c.split():
+            want_lang.append(None)
+            want_score.append(None)
+            continue
+        labels, probs = scorer.model.predict([" ".join(c.split())], k=1)  # (its one-string form fails on numpy 2)
+        want_lang.append(labels[0][0].removeprefix("__label__"))
+        want_score.append(min(1.0, float(probs[0][0])))
+    with_lines = add_lid_lines(table)
+    for rows in (slice(0, n), slice(9, n - 2)):
+        a, b = scorer(with_lines[rows]), scorer(table[rows])
+        assert LINES_COLUMN not in a.column_names and a.column("uid").equals(b.column("uid"))
+        assert a.column("lang").to_pylist() == b.column("lang").to_pylist() == want_lang[rows]
+        assert a.column("lang_score").to_pylist() == b.column("lang_score").to_pylist()
+        assert np.allclose(np.array(a.column("lang_score").to_pylist()[: 200 - 9], dtype=float),
+                           want_score[rows][: 200 - 9], rtol=1e-6)  # fmt: skip
+    assert want_lang[200] == "en" and want_lang[201] == "de"
+
+
+@pytest.mark.quick
 def test_actor_pools_fit_the_cluster_and_take_gpus_when_there_are_some():
     from curation.stages.score import SMALL_TASK_CPUS, _fit_cpus, _pool_kwargs
 
@@ -226,6 +263,20 @@ def test_actor_pools_fit_the_cluster_and_take_gpus_when_there_are_some():
     lm = _pool_kwargs(cfg.perplexity, gpus=1, text=True)
     assert lm["num_gpus"] == pytest.approx(1 / 3) and lm["batch_size"] == cfg.perplexity.batch_size
     assert _pool_kwargs(cfg.language, gpus=1, uses_gpu=False, text=True)["batch_size"] is None
+
+
+@pytest.mark.quick
+def test_text_only_runs_read_shards_in_large_blocks_but_enough_to_overlap():
+    from curation.stages.score import MIN_TEXT_BLOCKS, TEXT_BLOCK_RECORDS, _num_blocks
+
+    def shards(n: int, records: int) -> list[dict]:
+        return [{"shard": f"{i:05d}", "uids": [f"u{i}-{j}" for j in range(records)]} for i in range(n)]
+
+    assert _num_blocks(shards(40, 1000), media=True) == 40  # media: one shard a block, decoding spreads
+    assert _num_blocks(shards(3, 1000), media=False) == 3  # no more blocks than shards
+    assert _num_blocks(shards(40, 1000), media=False) == MIN_TEXT_BLOCKS  # small runs still overlap their steps
+    big = shards(1200, 1000)  # 1.2 million captions: blocks of up to TEXT_BLOCK_RECORDS
+    assert _num_blocks(big, media=False) == -(-1_200_000 // TEXT_BLOCK_RECORDS) > MIN_TEXT_BLOCKS
 
 
 @pytest.mark.gpu
