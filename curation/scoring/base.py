@@ -48,14 +48,15 @@ class MediaTextScorer(Scorer):
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_input
+        from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_inputs
 
         todo, rows = media_rows(batch, self.modalities)
+        inputs = row_inputs(batch, rows, todo)
         scores: list[np.ndarray] = []
         embeddings: list[np.ndarray] = []
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            sims, embs = self.score([row_input(batch, rows, i) for i in chunk], [rows["caption"][i] for i in chunk])
+            sims, embs = self.score(inputs[start : start + self.batch_size], [rows["caption"][i] for i in chunk])
             scores.append(np.asarray(sims, dtype=np.float64))
             embeddings.append(np.asarray(embs, dtype=np.float32))
         if todo:  # whole columns from the arrays: no Python float per value
@@ -85,12 +86,13 @@ def resolve_device(spec: Any, has_gpu: bool) -> tuple[str, str]:
     return device, precision
 
 
-def limit_threads(num_cpus: float) -> None:
-    """Give torch as many threads as CPUs the actor reserved (at least one): several model actors share a small
-    machine, and oversubscribed math threads slow every one of them down many times over."""
+def limit_threads(num_cpus: float | None) -> None:
+    """Give torch as many threads as CPUs the actor reserved (at least one; ``None``, the default reservation:
+    one): several model actors share a small machine, and oversubscribed math threads slow every one of them down
+    many times over."""
     import torch
 
-    torch.set_num_threads(max(1, int(num_cpus)))
+    torch.set_num_threads(max(1, int(num_cpus or 1)))
 
 
 def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

@@ -38,10 +38,9 @@ class ClipSimilarityScorer(MediaTextScorer):
         import torch
         import torch.nn.functional as F
 
-        from curation.scoring.decode import ImagePreprocessor
+        from curation.scoring.decode import ImagePreprocessor, frame_runs
 
-        frames = np.concatenate([a[None] if a.ndim == 3 else a for a in arrays])
-        x = ImagePreprocessor.to_tensor(frames, self.mean, self.std, self.device, self.dtype)
+        x = ImagePreprocessor.to_tensor(frame_runs(arrays), self.mean, self.std, self.device, self.dtype)
         with torch.inference_mode():
             emb = F.normalize(self.model.encode_image(x).float(), dim=-1)
         counts = torch.tensor([1 if a.ndim == 3 else a.shape[0] for a in arrays], device=emb.device)

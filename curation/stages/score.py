@@ -15,9 +15,10 @@ One Ray Data pipeline over the crawl shards, streaming:
                   score/done/<shard>.json           the shard is complete (resume skips it)
 
 Scores are computed once (DataJuicer's stats-then-filter split): the score stage rejects nothing for quality and
-the filter stage decides from the stored columns, so a new threshold never recomputes a score. Every actor
-reserves a fraction of a CPU (``score.<model>.num_cpus``) so all pools and the decode tasks fit on two cores at
-once; with GPUs, each model pool takes a GPU share and runs in fp16.
+the filter stage decides from the stored columns, so a new threshold never recomputes a score. Without GPUs every
+actor reserves a fraction of a CPU (``score.<model>.num_cpus``) so all pools and the decode tasks fit on two cores
+at once. With GPUs each model pool runs two actors a GPU in fp16, each with a GPU share and a whole core (its CPU
+work paces the GPU), the decode tasks take a whole core each, and the light steps run several tasks at once.
 """
 
 from __future__ import annotations
@@ -84,22 +85,37 @@ def without_media(batch: pa.Table) -> pa.Table:
 TEXT_BLOCK_RECORDS = 131_072  # records a block holds at most in runs that score only text
 MIN_TEXT_BLOCKS = 8  # blocks a text-only run has at least, where it has that many shards
 SMALL_TASK_CPUS = 0.1  # reading shard indexes and text statistics: light work that must never wait for a core
+# two actors of each model pool per GPU: while one does its CPU work for a batch (reading the inputs, tokenizing
+# the captions, copying to the GPU), the other's forward runs; with one, the GPU sat idle for most of each call
+GPU_ACTORS_PER_GPU = 2
+GPU_MODEL_POOLS = 3  # CLIP, CLAP and the LM: the default GPU shares let all of them fit each GPU at once
+CPU_ACTOR_CPUS, GPU_ACTOR_CPUS = 0.25, 1.0  # a model actor's default reservation without and with a GPU share
+CPU_DECODE_CPUS, GPU_DECODE_CPUS = 0.5, 1.0  # a decode task's, on a cluster without and with GPUs
+CPUS_PER_SMALL_TASK = 4  # one task in flight per light step for every 4 cluster CPUs (one on the 2-core machines)
 
 
-def _fit_cpus(pools: list[dict[str, Any]], decode_cpus: float, cluster_cpus: float) -> float:
+def small_tasks(cluster_cpus: float) -> int:
+    """Tasks in flight for each light step (shard indexes, text statistics): one on a small machine, where each
+    concurrent task would start (and import into) one more worker process; more on a large one, where a single
+    index task at a time (about a tenth of a second a shard) would starve the decode tasks of every other core."""
+    return max(1, int(cluster_cpus // CPUS_PER_SMALL_TASK))
+
+
+def _fit_cpus(pools: list[dict[str, Any]], decode: float, cluster_cpus: float) -> float:
     """Scale the actors' CPU reservations (in place) and the decode tasks' so that every pool, one decode task and
     the small tasks fit the cluster at once: otherwise actors holding every CPU would wait forever for decoded
     batches no task can be scheduled to make. Returns the decode tasks' CPUs."""
-    need = sum(k["num_cpus"] * k["concurrency"] for k in pools) + decode_cpus + 2 * SMALL_TASK_CPUS
-    room = cluster_cpus - 2 * SMALL_TASK_CPUS
-    if need - 2 * SMALL_TASK_CPUS <= room:
-        return decode_cpus
-    factor = room / (need - 2 * SMALL_TASK_CPUS)
+    small = 2 * SMALL_TASK_CPUS * small_tasks(cluster_cpus)
+    need = sum(k["num_cpus"] * k["concurrency"] for k in pools) + decode + small
+    room = cluster_cpus - small
+    if need - small <= room:
+        return decode
+    factor = room / (need - small)
     log.warning("score: the scorers ask for %.2f CPUs but the cluster has %s; scaling their reservations by %.2f",
                 need, cluster_cpus, factor)  # fmt: skip
     for k in pools:
         k["num_cpus"] *= factor
-    return decode_cpus * factor
+    return decode * factor
 
 
 def _num_blocks(items: list[dict[str, Any]], media: bool) -> int:
@@ -123,13 +139,24 @@ def _pool_kwargs(spec: ScoreConfig.Model, gpus: float, uses_gpu: bool = True, te
     requires a batch size, it takes ``spec.batch_size`` rows a call like the media scorers (the slicing is small
     next to a GPU forward, and fp16 scores are reproducible up to rounding only anyway)."""
     on_gpu = uses_gpu and gpus > 0 and spec.device != "cpu"
-    num_gpus = (spec.num_gpus if spec.num_gpus is not None else 1 / 3) if on_gpu else 0
-    concurrency = spec.concurrency or (max(1, int(gpus)) if on_gpu else 1)
+    share = 1 / (GPU_MODEL_POOLS * GPU_ACTORS_PER_GPU)
+    num_gpus = (spec.num_gpus if spec.num_gpus is not None else share) if on_gpu else 0
+    concurrency = spec.concurrency or (GPU_ACTORS_PER_GPU * max(1, int(gpus)) if on_gpu else 1)
     batch = None if text and not num_gpus else spec.batch_size
-    kwargs: dict[str, Any] = {"concurrency": concurrency, "num_cpus": spec.num_cpus, "batch_size": batch}
+    cpus = spec.num_cpus if spec.num_cpus is not None else GPU_ACTOR_CPUS if num_gpus else CPU_ACTOR_CPUS
+    kwargs: dict[str, Any] = {"concurrency": concurrency, "num_cpus": cpus, "batch_size": batch}
     if num_gpus:
         kwargs["num_gpus"] = num_gpus
     return kwargs
+
+
+def decode_cpus(cfg: ScoreConfig, gpus: float) -> float:
+    """CPUs a decode task reserves: ``score.decode_num_cpus``, by default half a core without GPUs (two-core
+    machines) and a whole one with GPUs. On a 16-core GPU machine, half a core each let 30 decode processes take
+    every core, and the GPU actors, whose CPU work paces the GPU, got half a core each."""
+    if cfg.decode_num_cpus is not None:
+        return cfg.decode_num_cpus
+    return GPU_DECODE_CPUS if gpus > 0 else CPU_DECODE_CPUS
 
 
 def _map_args(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +247,7 @@ class ScoreStage(Stage):
 
             kwargs = _pool_kwargs(cfg.language, gpus, uses_gpu=False, text=True)
             stages.append((LanguageIdScorer, {"spec": cfg.language}, kwargs))
-        decode_cpus = _fit_cpus([k for _, _, k in stages], cfg.decode_num_cpus, resources.get("CPU", 1))
+        decode = _fit_cpus([k for _, _, k in stages], decode_cpus(cfg, gpus), resources.get("CPU", 1))
         used = {"image_text": "image_text" in media or "video_text" in media, "audio_text": "audio_text" in media,
                 "perplexity": "perplexity" in cfg.scorers, "language": "language" in cfg.scorers}  # fmt: skip
         log.info("score: models: %s", ", ".join(f"{k}={_describe(getattr(cfg, k))}" for k, on in used.items() if on)
@@ -228,19 +255,19 @@ class ScoreStage(Stage):
 
         items = [{"shard": s, "uids": t.column("uid").to_pylist()} for s, t in sorted(pending.items())]
         ds = ray.data.from_items(items, override_num_blocks=_num_blocks(items, media=bool(pools)))
-        # one small task at a time: each concurrent task would start (and import into) one more worker process
-        small = {"num_cpus": SMALL_TASK_CPUS, "compute": ray.data.TaskPoolStrategy(size=1)}
+        tasks = small_tasks(resources.get("CPU", 1))
+        small = {"num_cpus": SMALL_TASK_CPUS, "compute": ray.data.TaskPoolStrategy(size=tasks)}
         crawl_dir = str(self.ctx.run_dir / "crawl")
         ds = ds.map_batches(index_shard, fn_kwargs={"crawl_dir": crawl_dir, "media": bool(pools)}, batch_size=None,
                             batch_format="pyarrow", **small)  # fmt: skip
         if pools:
             ds = ds.map_batches(decode_batch, fn_kwargs={"plan": plan}, batch_size=cfg.decode_batch_size,
-                                batch_format="pyarrow", num_cpus=decode_cpus)  # fmt: skip
+                                batch_format="pyarrow", num_cpus=decode)  # fmt: skip
         else:
             ds = ds.map_batches(without_media, batch_format="pyarrow", **small)
         # the text models' inputs (the LM's token ids, fastText's lines), made where decoding is, not on the
         # actors' cores
-        step = {"batch_size": cfg.decode_batch_size, "num_cpus": decode_cpus} if pools else small
+        step = {"batch_size": cfg.decode_batch_size, "num_cpus": decode} if pools else small
         tokens = self._lm_tokens(cfg)
         if tokens is not None:
             ds = ds.map_batches(add_lm_ids, fn_kwargs={"tokens": tokens}, batch_format="pyarrow", **step)

@@ -157,6 +157,54 @@ def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_mode
 
 
 @pytest.mark.quick
+@pytest.mark.parametrize("binary", [pa.binary(), pa.large_binary()])
+def test_actors_read_decoded_inputs_in_place_and_send_adjacent_rows_as_one_array(binary):
+    """The media actors view each row's decoded array in the batch's Arrow memory (no copy), across chunks and
+    sliced chunks, and consecutive rows of a chunk reach the model as one array, equal to the rows joined."""
+    import torch
+
+    from curation.scoring.decode import ImagePreprocessor, frame_runs, media_rows, row_inputs
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (5, 4, 3), dtype=np.uint8) for _ in range(7)]
+    video = rng.integers(0, 255, (3, 5, 4, 3), dtype=np.uint8)
+    arrays = [*images[:3], video, None, *images[3:]]  # row 4: undecodable
+
+    def table(part):
+        return pa.table({
+            "modality": ["video" if a is video else "image" for a in part], "caption": ["c"] * len(part),
+            "inputs": pa.array([None if a is None else a.tobytes() for a in part], binary),
+            "input_shape": pa.array([None if a is None else list(a.shape) for a in part], pa.list_(pa.int32())),
+            "undecodable": pa.array(["bad" if a is None else None for a in part], pa.string()),
+        })  # fmt: skip
+
+    # three chunks, the middle one sliced out of a larger array (a non-zero offset into its buffers)
+    batch = pa.concat_tables([table(arrays[:2]), table([images[0], *arrays[2:6]]).slice(1), table(arrays[6:])])
+    assert batch.column("inputs").num_chunks == 3
+    todo, cols = media_rows(batch, ("image", "video"))
+    assert todo == [0, 1, 2, 3, 5, 6, 7, 8]
+    got = row_inputs(batch, cols, todo)
+    want = [a for a in arrays if a is not None]
+    assert all(g.shape == w.shape and np.array_equal(g, w) for g, w in zip(got, want))
+    inside = []
+    for i, g in zip(todo, got):  # each a view into its chunk's value buffer
+        chunk = batch.column("inputs").chunk(0 if i < 2 else 1 if i < 6 else 2)
+        data = chunk.buffers()[2]
+        inside.append(data.address <= g.ctypes.data and g.ctypes.data + g.nbytes <= data.address + data.size)
+    assert all(inside)
+
+    runs = frame_runs(got)
+    # rows 0-1 (chunk 0); 2, 3 (a video) and 5 (chunk 1: the undecodable row 4 holds no bytes); 6-8 (chunk 2)
+    assert [r.shape[0] for r in runs] == [2, 1 + 3 + 1, 3]
+    images_only = media_rows(batch, ("image",))[0]  # the video's bytes now lie between rows 2 and 5
+    assert [r.shape[0] for r in frame_runs(row_inputs(batch, cols, images_only))] == [2, 1, 1, 3]
+    joined = np.concatenate([a[None] if a.ndim == 3 else a for a in want])
+    assert np.array_equal(np.concatenate(runs), joined)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    assert torch.equal(ImagePreprocessor.to_tensor(runs, mean, std), ImagePreprocessor.to_tensor(joined, mean, std))
+
+
+@pytest.mark.quick
 def test_text_quality_statistics_follow_gopher():
     from curation.scoring.text_quality import TextQualityScorer
 
@@ -239,29 +287,41 @@ def test_language_id_lines_made_in_tasks_predict_as_fasttexts_own_api(labels):
 
 @pytest.mark.quick
 def test_actor_pools_fit_the_cluster_and_take_gpus_when_there_are_some():
-    from curation.stages.score import SMALL_TASK_CPUS, _fit_cpus, _pool_kwargs
+    from curation.stages.score import SMALL_TASK_CPUS, _fit_cpus, _pool_kwargs, decode_cpus, small_tasks
 
     cfg = ScoreConfig()
     models = [cfg.image_text, cfg.audio_text, cfg.perplexity, cfg.language]
 
-    def fits(cluster_cpus: float) -> bool:
-        pools = [_pool_kwargs(m, gpus=0) for m in models]
-        decode = _fit_cpus(pools, cfg.decode_num_cpus, cluster_cpus)
+    def fits(cluster_cpus: float, gpus: float = 0) -> bool:
+        pools = [_pool_kwargs(m, gpus=gpus) for m in models]
+        decode = _fit_cpus(pools, decode_cpus(cfg, gpus), cluster_cpus)
         actors = sum(k["num_cpus"] * k["concurrency"] for k in pools)
         # every pool, one decode task and the small index/text tasks can hold their CPUs at the same time
-        return actors + decode + 2 * SMALL_TASK_CPUS <= cluster_cpus + 1e-9 and decode > 0
+        small = 2 * SMALL_TASK_CPUS * small_tasks(cluster_cpus)
+        return actors + decode + small <= cluster_cpus + 1e-9 and decode > 0
 
-    assert fits(2) and fits(1)  # the defaults fit 2 cores untouched; 1 core gets scaled reservations
+    # the defaults fit 2 cores untouched; 1 core gets scaled reservations; so do GPU machines
+    assert fits(2) and fits(1) and fits(16) and fits(16, gpus=1) and fits(2, gpus=1)
+    # one light task at a time on small machines (each would start a worker); more where cores would sit idle
+    assert [small_tasks(c) for c in (1, 2, 4, 16)] == [1, 1, 1, 4]
     pools = [_pool_kwargs(m, gpus=0) for m in models]
-    assert _fit_cpus(pools, cfg.decode_num_cpus, 2) == cfg.decode_num_cpus
+    assert _fit_cpus(pools, decode_cpus(cfg, 0), 2) == decode_cpus(cfg, 0) == 0.5
     assert [k["num_cpus"] for k in pools] == [0.25] * 4 and all("num_gpus" not in k for k in pools)
+    # with a GPU an actor's CPU work paces the GPU: a whole core for it, and whole cores for the decode tasks
+    assert _pool_kwargs(cfg.image_text, gpus=1)["num_cpus"] == 1 and decode_cpus(cfg, 1) == 1
+    assert _pool_kwargs(cfg.language, gpus=1, uses_gpu=False)["num_cpus"] == 0.25  # fastText stays on CPU
+    set_by_user = ScoreConfig(decode_num_cpus=0.75, image_text=ScoreConfig.Model(num_cpus=0.5))
+    assert decode_cpus(set_by_user, 1) == 0.75 and _pool_kwargs(set_by_user.image_text, gpus=1)["num_cpus"] == 0.5
     gpu = _pool_kwargs(cfg.image_text, gpus=2)
-    assert gpu["num_gpus"] == pytest.approx(1 / 3) and gpu["concurrency"] == 2
+    # two actors a GPU, and the three model pools' defaults share each GPU without waiting on each other
+    assert gpu["num_gpus"] == pytest.approx(1 / 6) and gpu["concurrency"] == 4
+    one = [_pool_kwargs(cfg.image_text, 1), _pool_kwargs(cfg.audio_text, 1), _pool_kwargs(cfg.perplexity, 1, text=True)]
+    assert sum(k["num_gpus"] * k["concurrency"] for k in one) == pytest.approx(1)
     assert "num_gpus" not in _pool_kwargs(cfg.language, gpus=2, uses_gpu=False)
     # text scorers take whole blocks a call on CPU; Ray Data refuses a GPU pool without a batch size
     assert _pool_kwargs(cfg.perplexity, gpus=0, text=True)["batch_size"] is None
     lm = _pool_kwargs(cfg.perplexity, gpus=1, text=True)
-    assert lm["num_gpus"] == pytest.approx(1 / 3) and lm["batch_size"] == cfg.perplexity.batch_size
+    assert lm["num_gpus"] == pytest.approx(1 / 6) and lm["batch_size"] == cfg.perplexity.batch_size
     assert _pool_kwargs(cfg.language, gpus=1, uses_gpu=False, text=True)["batch_size"] is None
 
 
