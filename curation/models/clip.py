@@ -121,5 +121,12 @@ def load_clip(spec: Any, device: str = "cpu", precision: str = "fp32"):
         force_preprocess_cfg=source.preprocess or None,
     )
     model.eval()
-    tokenizer = open_clip.get_tokenizer(source.model_name)
-    return model, tokenizer, dict(model.visual.preprocess_cfg)
+    return model, load_clip_tokenizer(spec), dict(model.visual.preprocess_cfg)
+
+
+def load_clip_tokenizer(spec: Any):
+    """The text tokenizer of the open_clip model ``spec``, without its weights."""
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_tokenizer(resolve_clip(spec).model_name)

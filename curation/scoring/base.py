@@ -47,16 +47,21 @@ class MediaTextScorer(Scorer):
         """(similarities, L2-normalised media embeddings) for decoded inputs and their captions."""
         raise NotImplementedError
 
+    def text_inputs(self, batch: pa.Table, rows: dict[str, list], todo: list[int]) -> Any:
+        """The text side of the rows at ``todo``, sliceable like a list and passed to :meth:`score`: their
+        captions, a missing one as empty (a scorer may give tokens a task made instead)."""
+        return [rows["caption"][i] or "" for i in todo]
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         from curation.scoring.decode import INPUT_COLUMNS, media_rows, row_inputs
 
         todo, rows = media_rows(batch, self.modalities)
-        inputs = row_inputs(batch, rows, todo)
+        inputs, texts = row_inputs(batch, rows, todo), self.text_inputs(batch, rows, todo)
         scores: list[np.ndarray] = []
         embeddings: list[np.ndarray] = []
         for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            sims, embs = self.score(inputs[start : start + self.batch_size], [rows["caption"][i] for i in chunk])
+            end = start + self.batch_size
+            sims, embs = self.score(inputs[start:end], texts[start:end])
             scores.append(np.asarray(sims, dtype=np.float64))
             embeddings.append(np.asarray(embs, dtype=np.float32))
         if todo:  # whole columns from the arrays: no Python float per value

@@ -157,6 +157,44 @@ def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_mode
 
 
 @pytest.mark.quick
+def test_clip_tokens_made_in_tasks_score_as_the_actors_own(bootstrap_models):
+    """With GPUs the captions' CLIP tokens are made in the tasks before the actor: they equal the model's own
+    tokenizer's, only for the rows the CLIP actor scores, and the scores are identical to the actor tokenizing."""
+    from curation.models.clip import load_clip_tokenizer
+    from curation.scoring.clip_similarity import TOKENS_COLUMN, ClipSimilarityScorer, add_clip_tokens
+
+    spec = ScoreConfig.Model()
+    scorer = ClipSimilarityScorer(spec)
+    size = scorer.model.visual.preprocess_cfg["size"]
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    rng = np.random.default_rng(0)
+    rows = [("image", "a red circle"), ("audio", "two short beeps"), ("video", "a blue square moving left"),
+            ("image", None), ("image", "ein rotes Quadrat, größer"), ("image", "x " * 200)]  # fmt: skip
+    arrays = [rng.integers(0, 255, (*hw, 3) if m == "image" else (2, *hw, 3), dtype=np.uint8) for m, _ in rows]
+
+    def part(sl):
+        return pa.table({
+            "modality": [m for m, _ in rows[sl]], "caption": pa.array([c for _, c in rows[sl]], pa.string()),
+            "inputs": pa.array([None if m == "audio" else a.tobytes() for (m, _), a in zip(rows[sl], arrays[sl])],
+                               pa.large_binary()),
+            "input_shape": pa.array([None if m == "audio" else list(a.shape) for (m, _), a in zip(rows[sl], arrays[sl])],
+                                    pa.list_(pa.int32())),
+            "undecodable": pa.nulls(len(rows[sl]), pa.string()),
+        })  # fmt: skip
+
+    batch = pa.concat_tables([add_clip_tokens(part(slice(0, 3)), spec), add_clip_tokens(part(slice(3, 6)), spec)])
+    tokens = batch.column(TOKENS_COLUMN).to_pylist()
+    want = load_clip_tokenizer(spec)([c or "" for m, c in rows if m != "audio"]).tolist()
+    assert tokens[1] is None and [t for t in tokens if t is not None] == want
+    with_tokens = scorer(batch)
+    without = scorer(batch.drop_columns([TOKENS_COLUMN]))
+    assert TOKENS_COLUMN not in with_tokens.column_names
+    assert with_tokens.column("clip_score").to_pylist() == without.column("clip_score").to_pylist()
+    assert with_tokens.column("clip_score").null_count == 1  # the audio row is not this scorer's
+    assert with_tokens.column("embedding").to_pylist() == without.column("embedding").to_pylist()
+
+
+@pytest.mark.quick
 @pytest.mark.parametrize("binary", [pa.binary(), pa.large_binary()])
 def test_actors_read_decoded_inputs_in_place_and_send_adjacent_rows_as_one_array(binary):
     """The media actors view each row's decoded array in the batch's Arrow memory (no copy), across chunks and
