@@ -29,15 +29,16 @@ def add_clip_tokens(batch: pa.Table, spec: Any) -> pa.Table:
         from curation.models.clip import load_clip_tokenizer
 
         _TOKENIZERS[key] = load_clip_tokenizer(spec)
+    tokenizer = _TOKENIZERS[key]
     todo, rows = media_rows(batch, ClipSimilarityScorer.modalities)
-    if not todo:
-        return batch.append_column(TOKENS_COLUMN, pa.nulls(batch.num_rows, pa.list_(pa.int32(), 1)))
-    ids = _TOKENIZERS[key]([rows["caption"][i] or "" for i in todo]).numpy().astype(np.int32)
-    full = np.zeros((batch.num_rows, ids.shape[1]), np.int32)
-    full[todo] = ids
+    # every block's column has the tokenizer's context length, also a block with no such row: Ray Data joins
+    # blocks into the actor's batches, and lists of two sizes would not join
+    full = np.zeros((batch.num_rows, tokenizer.context_length), np.int32)
+    if todo:
+        full[todo] = tokenizer([rows["caption"][i] or "" for i in todo]).numpy()
     missing = np.ones(batch.num_rows, bool)
     missing[todo] = False
-    tokens = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), ids.shape[1], mask=pa.array(missing))
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), full.shape[1], mask=pa.array(missing))
     return batch.append_column(TOKENS_COLUMN, tokens)
 
 
