@@ -130,6 +130,22 @@ def open_image(data: bytes, target_size: int | None = None):
     return img
 
 
+class _RgbFrames:
+    """Decoded video frames as RGB PIL images, all through one swscale context. PyAV's ``frame.to_image()`` gives
+    every frame a context of its own, and setting one up cost more than decoding the frame (0.8 ms against 0.09 ms
+    a frame for the sample's small clips); the pixels are the same."""
+
+    def __init__(self):
+        from av.video.reformatter import VideoReformatter
+
+        self.reformatter = VideoReformatter()  # keeps its context while the frames' size and format stay the same
+
+    def __call__(self, frame):
+        from PIL import Image
+
+        return Image.fromarray(self.reformatter.reformat(frame, format="rgb24").to_ndarray())
+
+
 def _uniform_indices(total: int, n: int) -> list[int]:
     """``n`` frame indices spread evenly over ``total`` frames (centres of ``n`` equal segments)."""
     if total <= 0:
@@ -144,32 +160,37 @@ def sample_video_frames(data: bytes, n: int, num_frames: int | None = None, max_
     seeking instead of decoding every frame."""
     import av
 
+    rgb = _RgbFrames()
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise DecodeError("video: no video stream")
-            # no frame threads: decoding runs in many tasks (and DataLoader workers) at once, which is where its
-            # parallelism comes from; threads per clip only add start-up and contention (20% slower on short clips)
+            # one thread: decoding runs in many tasks (and DataLoader workers) at once, which is where its
+            # parallelism comes from. PyAV's default starts a slice thread a core for every clip, and that start-up
+            # made decoding the sample's short clips 35-50% slower (and frame threads 20%).
             stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
             duration = None
             if stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)
             elif container.duration is not None:
                 duration = container.duration / 1_000_000
             if duration is not None and duration > max_seconds:
-                return _seek_frames(container, stream, duration, n)
+                return _seek_frames(container, stream, duration, n, rgb)
             total = num_frames or stream.frames or 0
-            if total <= 0:  # unknown frame count: decode once, keep every frame small enough to hold
-                frames = [f.to_image() for f in container.decode(stream)]
+            if total <= 0:  # unknown frame count: decode once, hold the decoded frames, convert the sampled ones
+                frames = list(container.decode(stream))
                 if not frames:
                     raise DecodeError("video: no frames decoded")
-                return [frames[i] for i in _uniform_indices(len(frames), n)]
+                wanted = _uniform_indices(len(frames), n)
+                converted = {i: rgb(frames[i]) for i in set(wanted)}
+                return [converted[i] for i in wanted]
             wanted = _uniform_indices(total, n)
             picked: dict[int, Any] = {}
             last = None
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    picked[i] = frame.to_image()
+                    picked[i] = rgb(frame)
                 last = (i, frame)
                 if i >= wanted[-1]:
                     break
@@ -184,7 +205,7 @@ def sample_video_frames(data: bytes, n: int, num_frames: int | None = None, max_
         raise DecodeError(f"video: {type(e).__name__}: {e}") from e
 
 
-def _seek_frames(container, stream, duration: float, n: int) -> list:
+def _seek_frames(container, stream, duration: float, n: int, rgb: _RgbFrames) -> list:
     frames = []
     for i in range(n):
         t = duration * (i + 0.5) / n
@@ -195,7 +216,7 @@ def _seek_frames(container, stream, duration: float, n: int) -> list:
                 break
         if frame is None:
             raise DecodeError(f"video: no frame at {t:.1f} s")
-        frames.append(frame.to_image())
+        frames.append(rgb(frame))
     return frames
 
 

@@ -73,6 +73,39 @@ def test_audio_decoding_reads_a_short_probe_and_gets_what_a_full_probe_gets():
 
 
 @pytest.mark.quick
+def test_sampled_video_frames_are_pyavs_own_rgb_frames(sample_dir, labels):
+    """sample_video_frames converts frames through one shared swscale context and decodes with one thread: each
+    frame must equal PyAV's own ``to_image()`` of the frame at that index, for every codec in the sample and on
+    each path (frame count from the probe, from the container, unknown, and seeking in a long clip)."""
+    import io
+
+    import av
+
+    from curation.scoring.decode import _uniform_indices, sample_video_frames
+
+    def same(got: list, want: list[np.ndarray]) -> bool:
+        return len(got) == len(want) and all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want))
+
+    codecs: set[str] = set()
+    stated: set[bool] = set()  # whether the container states its frame count (mp4) or not (webm): both paths run
+    for row in labels:
+        codec = json.loads(row["attrs"]).get("codec") if row["modality"] == "video" else None
+        if codec is None or row["defect"] is not None or codec in codecs:
+            continue
+        codecs.add(codec)
+        data = (sample_dir / row["path"]).read_bytes()
+        with av.open(io.BytesIO(data)) as container:
+            stated.add(bool(container.streams.video[0].frames))
+            ref = [np.asarray(f.to_image()) for f in container.decode(video=0)]
+        want = [ref[i] for i in _uniform_indices(len(ref), 6)]
+        assert same(sample_video_frames(data, 6, num_frames=len(ref)), want), codec  # the crawl probe's count
+        assert same(sample_video_frames(data, 6), want), codec  # the container's count, or none
+        seeked = sample_video_frames(data, 3, max_seconds=0.01)  # a "long" clip: sampled by seeking
+        assert len(seeked) == 3 and all(any(np.array_equal(np.asarray(s), r) for r in ref) for s in seeked), codec
+    assert codecs == {"libx264", "mpeg4", "libvpx", "libvpx-vp9"} and stated == {True, False}
+
+
+@pytest.mark.quick
 def test_fast_clap_features_equal_the_extractors_own(sample_dir, labels):
     from transformers import ClapFeatureExtractor
 
