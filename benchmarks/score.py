@@ -36,8 +36,10 @@ With a GPU (``--device cuda``, the default where one is present) the models run 
 them, the bare forward's inputs already on the GPU, Ray gets every core for decoding, and every batch is
 ``GPU_BATCH`` times the CPU one.
 
-Memory: the whole score stage (all scorers, tiny models) on N records and on 10N, with the peak resident memory of
-the driver and every Ray process (sampled every 0.2 s) for both; flat means the 10N peak stays near the N peak.
+Memory: the whole score stage (all scorers, tiny models) on N records and on 10N, with the peak memory of the driver
+and every Ray process (sampled every 0.2 s) for both; flat means the 10N peak stays near the N peak. The figure is
+summed PSS, which counts a page shared by several processes (Ray's object store, shared libraries) once; summed RSS,
+printed beside it, counts it in every process that maps it.
 """
 
 from __future__ import annotations
@@ -351,33 +353,40 @@ def base_models(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 class PeakMemory:
-    """Peak summed RSS of this process and all its descendants (the local Ray instance: GCS, raylet, workers)."""
+    """Peak memory of this process and all its descendants (the local Ray instance: GCS, raylet, workers), summed
+    two ways: PSS (each shared page split among the processes that map it) and RSS (each counted in full by every
+    process that maps it). Ray's object store is one shared memory region that the workers map, so summed RSS counts
+    the blocks they read several times over; PSS counts each page once."""
 
     def __init__(self, interval: float = 0.2):
         import psutil
 
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self.proc, self.interval = psutil.Process(), interval
+        self.peak = self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def current(self) -> int:
+    def current(self) -> tuple[int, int]:
+        """(summed PSS, summed RSS) in bytes now."""
         import psutil
 
-        total = 0
+        pss = rss = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                info = p.memory_full_info()
             except psutil.Error:
-                pass
-        return total
+                continue
+            pss, rss = pss + info.pss, rss + info.rss
+        return pss, rss
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            pss, rss = self.current()
+            self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
             time.sleep(self.interval)
 
     def __enter__(self):
-        self.baseline = self.current()
+        self.baseline = self.current()[0]
         self._thread.start()
         return self
 
@@ -400,7 +409,7 @@ def memory_run(sample: Path, tmp: Path, copies: int) -> dict[str, float]:
         seconds = time.perf_counter() - t
     n = state["stages"]["score"]["summary"]["input"]
     return {"records": n, "seconds": round(seconds, 1), "peak_mib": round(mem.peak / 2**20),
-            "idle_mib": round(mem.baseline / 2**20)}  # fmt: skip
+            "peak_rss_mib": round(mem.peak_rss / 2**20), "idle_mib": round(mem.baseline / 2**20)}  # fmt: skip
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
@@ -543,11 +552,17 @@ def _print_table(results: dict[str, Any]) -> None:
               f"{r['bare_rps']:>9} {r['ratio']:>6} {spread:>11} {r['decode_rps'] or '-':>8} {r['bound_rps']:>9} "
               f"{r['of_bound']:>8} {r['start_s']:>7} {r['after_start_rps']:>11}")  # fmt: skip
     if results["memory"]:
-        print("\nscore stage, all scorers, peak RSS of driver + Ray processes")
+        print(
+            "\nscore stage, all scorers, peak memory of driver + Ray processes (PSS; summed RSS double-counts shared)"
+        )
         for r in results["memory"]:
-            print(f"  {r['records']:>6} records: peak {r['peak_mib']} MiB (idle {r['idle_mib']} MiB), {r['seconds']} s")
+            print(f"  {r['records']:>6} records: peak {r['peak_mib']} MiB PSS, {r['peak_rss_mib']} MiB summed RSS "
+                  f"(idle {r['idle_mib']} MiB PSS), {r['seconds']} s")  # fmt: skip
         a, b = results["memory"][0], results["memory"][-1]
-        print(f"  {b['records'] / a['records']:.0f}x input -> {b['peak_mib'] / a['peak_mib']:.2f}x peak memory")
+        print(
+            f"  {b['records'] / a['records']:.0f}x input -> {b['peak_mib'] / a['peak_mib']:.2f}x peak PSS, "
+            f"{b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x summed RSS"
+        )
 
 
 if __name__ == "__main__":
