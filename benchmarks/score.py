@@ -164,9 +164,9 @@ def bare_forward(
 
         model, tokenizer, fe = load_clap(spec, device, precision)
         dtype = next(model.parameters()).dtype
-        plan = DecodePlan(audio=AudioFeatures.of(fe))
-        x = np.stack([decode_one(b, "audio", plan) for b in data])
-        batches = [(torch.as_tensor(x[c], device=device, dtype=dtype),
+        features = AudioFeatures.of(fe)
+        mels = [features.mel(decode_one(b, "audio", DecodePlan(audio=features, audio_waves=True))) for b in data]
+        batches = [(features.model_inputs(mels[c], device, dtype),
                     tokenizer(captions[c], padding=True, return_tensors="pt").to(device)) for c in cut]  # fmt: skip
 
         def run():
@@ -282,8 +282,11 @@ def pipeline_rate(config, small: Path, large: Path) -> dict[str, float]:
             "after_start": after_start}  # fmt: skip
 
 
-def decode_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int) -> float | None:
-    """Records/s of decoding alone (the decode tasks' work, one core, in this process); ``None`` for text."""
+def decode_rate(
+    scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, gpu: bool
+) -> float | None:
+    """Records/s of decoding alone (the decode tasks' work, one core, in this process); ``None`` for text. With a
+    GPU the tasks leave the CLAP log-mels to the actor, as the stage does."""
     from curation.scoring.decode import DecodePlan, decode_one
 
     if not scorer.endswith("_text"):
@@ -292,7 +295,7 @@ def decode_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, vi
         from curation.models.hf import load_clap_feature_extractor
         from curation.scoring.decode import AudioFeatures
 
-        plan = DecodePlan(audio=AudioFeatures.of(load_clap_feature_extractor(spec)))
+        plan = DecodePlan(audio=AudioFeatures.of(load_clap_feature_extractor(spec)), audio_waves=gpu)
     else:
         from curation.models.clip import clip_preprocess_cfg, resolve_clip
 
@@ -459,7 +462,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
         pairs = []
         for _ in range(repeats or REPEATS[size]):  # each ratio from references taken right before its pipeline runs
             bare = bare_rate(forward, len(rows))
-            decode = decode_rate(scorer, spec, rows, run_dir, config.score.video_frames)
+            decode = decode_rate(scorer, spec, rows, run_dir, config.score.video_frames, gpu)
             pipe = pipeline_rate(config, small, large)
             # the cores over one record's CPU work: its decode, and its forward unless that runs on the GPU
             bound = bare if decode is None else min(bare, CORES / (1 / decode + (0 if gpu else 1 / bare)))

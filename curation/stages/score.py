@@ -4,9 +4,10 @@ One Ray Data pipeline over the crawl shards, streaming:
 
     shards -> index (tar offsets of the kept records)
            -> decode (tasks: images and video frames through the image model's preprocessing, audio to CLAP
-              features; a record the crawl accepted but that cannot be decoded is marked ``undecodable``;
-              the perplexity LM's token ids and fastText's input lines, and with GPUs the CLIP tokens, so that
-              preparing text is not the actors' work)
+              log-mels, with GPUs to samples whose log-mels the CLAP actor makes on its GPU; a record the crawl
+              accepted but that cannot be decoded is marked ``undecodable``; the perplexity LM's token ids and
+              fastText's input lines, and with GPUs the CLIP tokens, so that preparing text is not the actors'
+              work)
            -> ClipSimilarityScorer (actors: image and video rows) -> ClapSimilarityScorer (actors: audio rows)
            -> PerplexityScorer (actors) -> LanguageIdScorer (actors) -> text quality (tasks)
            -> driver: per shard, once all its records are back, write
@@ -222,7 +223,7 @@ class ScoreStage(Stage):
         output row is a record with its scores (and ``embedding``, ``undecodable``)."""
         import ray
 
-        from curation.scoring.clip_similarity import ClipSimilarityScorer, add_clip_tokens
+        from curation.scoring.clip_similarity import add_clip_tokens
         from curation.scoring.decode import decode_batch
         from curation.scoring.language import add_lid_lines
         from curation.scoring.perplexity import add_lm_ids
@@ -249,6 +250,9 @@ class ScoreStage(Stage):
             kwargs = _pool_kwargs(cfg.language, gpus, uses_gpu=False, text=True)
             stages.append((LanguageIdScorer, {"spec": cfg.language}, kwargs))
         decode = _fit_cpus([k for _, _, k in stages], decode_cpus(cfg, gpus), resources.get("CPU", 1))
+        # work that costs the decode tasks' cores more than the actors' GPUs moves to them: the CLAP log-mels
+        on_gpu = {cls.name for cls, _, kw in stages if "num_gpus" in kw}
+        plan.audio_waves = "audio_text" in on_gpu
         used = {"image_text": "image_text" in media or "video_text" in media, "audio_text": "audio_text" in media,
                 "perplexity": "perplexity" in cfg.scorers, "language": "language" in cfg.scorers}  # fmt: skip
         log.info("score: models: %s", ", ".join(f"{k}={_describe(getattr(cfg, k))}" for k, on in used.items() if on)
@@ -274,7 +278,7 @@ class ScoreStage(Stage):
             ds = ds.map_batches(add_lm_ids, fn_kwargs={"tokens": tokens}, batch_format="pyarrow", **step)
         if "language" in cfg.scorers:
             ds = ds.map_batches(add_lid_lines, batch_format="pyarrow", **step)
-        if any(cls is ClipSimilarityScorer and "num_gpus" in kw for cls, _, kw in stages):  # see add_clip_tokens
+        if "image_text" in on_gpu:  # see add_clip_tokens
             ds = ds.map_batches(add_clip_tokens, fn_kwargs={"spec": cfg.image_text}, batch_format="pyarrow", **step)
         for scorer_cls, ctor, kwargs in stages:
             ds = ds.map_batches(scorer_cls, fn_constructor_kwargs=ctor, batch_format="pyarrow", **_map_args(kwargs))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -123,6 +125,38 @@ def test_fast_clap_features_equal_the_extractors_own(sample_dir, labels):
 
 
 @pytest.mark.quick
+def test_clap_log_mels_made_on_the_actors_device_equal_the_decode_tasks(sample_dir, labels):
+    """With a GPU the decode tasks send the clips' samples and the CLAP actor makes their log-mels in one torch
+    computation: for every padding mode, clips shorter than, as long as and longer than the maximum, and one of a
+    single sample, they must equal the tasks' own (numpy) log-mels, and the model inputs from either be the same."""
+    from transformers import ClapFeatureExtractor
+
+    from curation.models.bootstrap import tiny_clap_feature_extractor
+    from curation.scoring.decode import AudioFeatures, decode_audio
+
+    paths = [sample_dir / r["path"] for r in labels if r["modality"] == "audio" and r["defect"] is None][:4]
+    extractors = [tiny_clap_feature_extractor(), ClapFeatureExtractor(padding="repeat", truncation="rand_trunc"),
+                  ClapFeatureExtractor(padding="repeatpad", truncation="rand_trunc"), ClapFeatureExtractor()]  # fmt: skip
+    seen = set()
+    for fe in extractors:
+        features = AudioFeatures.of(fe)
+        seen.add((features.padding, features.channels))
+        waves = [decode_audio(p.read_bytes(), fe.sampling_rate) for p in paths]
+        long = np.concatenate(waves * (features.max_samples // sum(map(len, waves)) + 2))
+        waves += [long, long[: features.max_samples], long[:1]]
+        assert len(long) > features.max_samples
+        ours = features.log_mel_on(waves).numpy()
+        theirs = np.stack([features.mel(w)[0] for w in waves])
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-4, features.padding
+        from_waves, from_mels = features.model_inputs(waves), features.model_inputs([features.mel(w) for w in waves])
+        assert from_waves.shape == (len(waves), features.channels, *theirs.shape[1:])
+        assert (from_waves - from_mels).abs().max() < 1e-4
+        mixed = features.model_inputs([waves[0], features.mel(waves[1])])  # either kind, in order
+        assert (mixed - from_mels[:2]).abs().max() < 1e-4
+    assert seen == {("pad", 1), ("repeat", 1), ("repeatpad", 1), ("repeatpad", 4)}
+
+
+@pytest.mark.quick
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
 def test_image_geometry_equals_open_clips_transform_pixel_for_pixel(resize_mode):
     """The decode tasks' resize and crop (plain PIL and numpy) against open_clip's own transform, on images larger,
@@ -154,8 +188,6 @@ def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_mode
     decodes an image, a video and an audio clip, and the LM's ids step tokenizes, without importing torch,
     open_clip or transformers (importing them took 5.7 s of CPU in every new worker process)."""
     import pickle
-    import subprocess
-    import sys
 
     from curation.stages.base import StageContext
     from curation.stages.score import ScoreStage
@@ -444,6 +476,12 @@ def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
     assert gpu_clap.dtype == torch.float16
     want, got = cpu_clap.score(*inputs["audio"])[0], gpu_clap.score(*inputs["audio"])[0]
     assert np.allclose(want, got, atol=2e-2)
+    plan.audio_waves = True  # as the stage decodes audio for a CLAP actor with a GPU: its log-mels made there
+    waves = [decode_one((sample_dir / r["path"]).read_bytes(), "audio", plan) for r in clean["audio"]]
+    assert all(w.ndim == 1 for w in waves)
+    mels = gpu_clap.features.log_mel_on(waves, gpu_clap.device).cpu().numpy()
+    assert np.abs(mels - np.stack([a[0] for a in inputs["audio"][0]])).max() < 1e-3
+    assert np.allclose(want, gpu_clap.score(waves, inputs["audio"][1])[0], atol=2e-2)
 
     captions = [r["caption"] for rows in clean.values() for r in rows]
     cpu_lm, gpu_lm = PerplexityScorer(spec), PerplexityScorer(spec, has_gpu=True)
