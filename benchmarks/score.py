@@ -287,7 +287,9 @@ def decode_rate(
 ) -> float | None:
     """Records/s of decoding alone (the decode tasks' work, one core, in this process); ``None`` for text. With a
     GPU the tasks leave the CLAP log-mels to the actor, as the stage does."""
-    from curation.scoring.decode import DecodePlan, decode_one
+    from curation.scoring.decode import DecodePlan, decode_one, keep_freed_memory
+
+    keep_freed_memory()  # as every decode task does (this process's model forwards showed no change with it)
 
     if not scorer.endswith("_text"):
         return None
