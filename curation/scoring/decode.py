@@ -350,8 +350,8 @@ class AudioFeatures:
     def log_mel_on(self, waves: list[np.ndarray], device: Any = "cpu"):
         """:meth:`log_mel` of every clip, padded as :func:`_pad` pads it, as one float64 torch computation on
         ``device`` (N, T, F). On a GPU this is nearly free, while on the CPU it was most of a clip's decode time:
-        for the extractor's defaults (48 kHz, 10 s, 1,024-point frames) 6 to 13 ms a clip, against 2.5 ms to
-        decode and resample it."""
+        for the extractor's defaults (48 kHz, 10 s, 1,024-point frames) 6 to 13 ms a clip, against 1.4 to 2.5 ms
+        to decode and resample it."""
         import torch
 
         waves = [np.asarray(w, dtype=np.float32)[: self.max_samples] for w in waves]
@@ -446,9 +446,9 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 <
             import ctypes
 
             libc = ctypes.CDLL("libc.so.6")
-            _MALLOC_SET = bool(
-                libc.mallopt(-3, mmap_threshold) and libc.mallopt(-1, trim_threshold)
-            )  # M_MMAP_, M_TRIM_
+            m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+            _MALLOC_SET = bool(libc.mallopt(m_mmap_threshold, mmap_threshold))
+            _MALLOC_SET = bool(libc.mallopt(m_trim_threshold, trim_threshold)) and _MALLOC_SET
         except (OSError, AttributeError):  # not glibc
             _MALLOC_SET = False
     return _MALLOC_SET
