@@ -77,17 +77,19 @@ class Stage:
         return self.dir / "_SUCCESS.json"
 
     # -- reading what earlier stages kept -----------------------------------------------------------------
-    def kept_records(self) -> dict[str, pa.Table]:
+    def kept_records(self, columns: list[str] | None = None) -> dict[str, pa.Table]:
         """The crawled records (schemas/record.schema.json) that every completed stage so far has kept, by crawl
-        shard. Media bytes stay in the crawl shards; read them with :meth:`read_media`."""
+        shard; only ``columns`` of them (``uid`` always) when given, so a stage that needs few keeps little on
+        the driver. Media bytes stay in the crawl shards; read them with :meth:`read_media`."""
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         ledger = pq.read_table(self.ctx.run_dir / "ledger.parquet", columns=["uid", "status"])
         kept = ledger.filter(pc.equal(ledger.column("status"), "kept")).column("uid")
+        wanted = None if columns is None else ["uid", *(c for c in columns if c != "uid")]
         out = {}
         for path in sorted((self.ctx.run_dir / "crawl" / "shards").glob("*.parquet")):
-            table = pq.read_table(path)
+            table = pq.read_table(path, columns=wanted)
             out[path.stem] = table.filter(pc.is_in(table.column("uid"), value_set=kept))
         return out
 

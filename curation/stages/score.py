@@ -181,7 +181,7 @@ class ScoreStage(Stage):
 
     def run(self, input_stage: str = "crawl") -> dict[str, Any]:
         cfg = self.config.score
-        records = self.kept_records()
+        records = self.kept_records(columns=["modality"])  # the tasks read the rest from the shards
         pending = {s: t for s, t in records.items() if not self.is_shard_done(s)}
         log.info("score: %d shards, %d already complete", len(records), len(records) - len(pending))
         if pending:
