@@ -535,6 +535,35 @@ def test_score_config_validates_with_keys():
 
 
 @pytest.mark.slow
+def test_on_a_gpu_cluster_clip_tokens_and_clap_log_mels_leave_the_decode_tasks(scored_run, monkeypatch):
+    """The stage's plan on a cluster with a GPU (the pipeline built, not run): the decode tasks send the clips'
+    samples for the CLAP actor to make their log-mels, and a task step makes the CLIP tokens; without a GPU,
+    neither."""
+    import ray
+
+    from curation.stages.base import StageContext
+    from curation.stages.score import ScoreStage
+
+    run_dir, _ = scored_run
+    config = load_config(data={"name": "t", "stages": ["crawl", "score"]})
+    plans = []
+    original = ScoreStage._plan
+
+    def plan_of(self, cfg, media):
+        plans.append(original(self, cfg, media))
+        return plans[-1]
+
+    monkeypatch.setattr(ScoreStage, "_plan", plan_of)
+    for resources, on_gpu in (({"CPU": 16.0, "GPU": 1.0}, True), ({"CPU": 2.0}, False)):
+        monkeypatch.setattr(ray, "cluster_resources", lambda r=resources: dict(r))
+        stage = ScoreStage(StageContext(run_dir, config))
+        ds = stage.dataset(config.score, stage.kept_records(columns=["modality"]))
+        decode_plan, _ = plans[-1]
+        assert decode_plan.audio is not None and decode_plan.audio_waves is on_gpu
+        assert ("add_clip_tokens" in str(ds)) is on_gpu and "ClapSimilarityScorer" in str(ds)
+
+
+@pytest.mark.slow
 def test_every_scored_record_has_its_signals(scored_run):
     run_dir, state = scored_run
     ledger = pq.read_table(run_dir / "ledger.parquet")
