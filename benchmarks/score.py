@@ -165,7 +165,7 @@ def bare_forward(
         model, tokenizer, fe = load_clap(spec, device, precision)
         dtype = next(model.parameters()).dtype
         features = AudioFeatures.of(fe)
-        mels = [features.mel(decode_one(b, "audio", DecodePlan(audio=features, audio_waves=True))) for b in data]
+        mels = [decode_one(b, "audio", DecodePlan(audio=features)) for b in data]
         batches = [(features.model_inputs(mels[c], device, dtype),
                     tokenizer(captions[c], padding=True, return_tensors="pt").to(device)) for c in cut]  # fmt: skip
 
