@@ -289,10 +289,9 @@ def decode_rate(
     GPU the tasks leave the CLAP log-mels to the actor, as the stage does."""
     from curation.scoring.decode import DecodePlan, decode_one, keep_freed_memory
 
-    keep_freed_memory()  # as every decode task does (this process's model forwards showed no change with it)
-
     if not scorer.endswith("_text"):
         return None
+    keep_freed_memory()  # as every decode task does (this process's model forwards showed no change with it)
     if scorer == "audio_text":
         from curation.models.hf import load_clap_feature_extractor
         from curation.scoring.decode import AudioFeatures
