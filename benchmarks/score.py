@@ -18,7 +18,8 @@ stage itself does not wait). Without that, decode tasks ran while the actors imp
 models, slowing that start by as much as they competed for the cores: more in the larger run, which the
 difference then counted as scoring time (on the H100 machine the actors took 20 to 40 s to start; on the 2-core
 machine the tiny image-text ratio read 0.28 that way, 0.32-0.35 with the wait). The larger run also reports its
-records/s from its first scored batch to its end ("after start").
+records/s from its first scored batch to its end ("after start"; "-" where the rest came too soon after that
+batch to time).
 
 This machine's speed drifts by up to 1.7x between minutes, so each ratio is taken from references (the bare rate
 over at least a second of passes over the records, and the decode rate) measured right before its own pair of
@@ -74,6 +75,7 @@ CORES = 2  # the cluster's CPUs: 2 on CPU machines (the target machine), every c
 GPU_BATCH = 4  # with a GPU every scorer's batch is this many times its CPU batch (as a GPU user would set it)
 REPEATS = {"tiny": 3, "base": 1}  # (references, pipeline pair) measurements per scorer; the figures are medians
 ACTOR_START_S = 600  # how long a pipeline run waits for its model actors to start before any task runs
+AFTER_START_BATCHES, AFTER_START_S = 4, 1.0  # "after start" needs this many later batches over this long
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -246,9 +248,9 @@ def replicated_run(run_dir: Path, copies: int) -> Path:
     return view
 
 
-def run_pipeline(config, run_dir: Path) -> tuple[int, float, float]:
+def run_pipeline(config, run_dir: Path) -> tuple[int, float, float | None]:
     """(records, seconds, records/s after the first scored batch) of the score stage's dataset over every crawl
-    shard of ``run_dir``."""
+    shard of ``run_dir``; the last is ``None`` when the rest came too soon after the first batch to time."""
     from curation.stages.base import StageContext
     from curation.stages.score import ScoreStage
 
@@ -259,15 +261,19 @@ def run_pipeline(config, run_dir: Path) -> tuple[int, float, float]:
     ds = stage.dataset(config.score, records)
     ds.context.wait_for_min_actors_s = ACTOR_START_S  # every model actor is up before the first task runs
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    n, first = 0, None
+    n, first, later = 0, None, 0
     for b in batches:
         n += b.num_rows
         if first is None:
             first = (n, time.perf_counter())
+        else:
+            later += 1
     assert n == total, (n, total)
     end = time.perf_counter()
-    after = (n - first[0]) / (end - first[1]) if first and end > first[1] else float("nan")
-    return n, end - started, after
+    # a rate only when the scored records kept arriving after the first batch: in a short run an actor's output
+    # can come all at once, and (rest) / (milliseconds) is no rate (a base-size video run read 3,245 records/s)
+    spread = first is not None and later >= AFTER_START_BATCHES and end - first[1] >= AFTER_START_S
+    return n, end - started, (n - first[0]) / (end - first[1]) if spread else None
 
 
 def pipeline_rate(config, small: Path, large: Path) -> dict[str, float]:
@@ -559,7 +565,7 @@ def _print_table(results: dict[str, Any]) -> None:
         spread = "{:.2f}-{:.2f}".format(*r["ratio_range"])
         print(f"{r['size']:<5} {r['scorer']:<13} {r['batch']:>5} {r['records']:>8} {r['pipeline_rps']:>9} "
               f"{r['bare_rps']:>9} {r['ratio']:>6} {spread:>11} {r['decode_rps'] or '-':>8} {r['bound_rps']:>9} "
-              f"{r['of_bound']:>8} {r['start_s']:>7} {r['after_start_rps']:>11}")  # fmt: skip
+              f"{r['of_bound']:>8} {r['start_s']:>7} {r['after_start_rps'] or '-':>11}")  # fmt: skip
     if results["memory"]:
         print(
             "\nscore stage, all scorers, peak memory of driver + Ray processes (PSS; summed RSS double-counts shared)"
