@@ -220,6 +220,22 @@ def _seek_frames(container, stream, duration: float, n: int, rgb: _RgbFrames) ->
     return frames
 
 
+# sample formats whose mono frames at the target rate become float32 samples without FFmpeg's resampler, and the
+# factor: what the resampler computes for them, bit for bit (a test compares every sample clip and both formats)
+_AS_FLOAT = {"s16": 1.0 / 32768.0, "s16p": 1.0 / 32768.0, "flt": None, "fltp": None}
+
+
+def _as_float(frame, sample_rate: int) -> np.ndarray | None:
+    """A mono frame already at ``sample_rate`` as float32 samples, or ``None`` where it needs the resampler.
+    Setting up the resampler's filter graph took half the decode time of a short 16 kHz clip (1.13 against
+    0.56 ms), though for such frames it only converts the sample format."""
+    if frame.sample_rate != sample_rate or len(frame.layout.channels) != 1 or frame.format.name not in _AS_FLOAT:
+        return None
+    scale = _AS_FLOAT[frame.format.name]
+    samples = frame.to_ndarray().reshape(-1)
+    return samples.astype(np.float32) * np.float32(scale) if scale is not None else samples.astype(np.float32)
+
+
 def decode_audio(data: bytes, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 samples at ``sample_rate``; longer clips keep their first ``max_seconds`` (deterministic,
     unlike a random crop)."""
@@ -228,18 +244,24 @@ def decode_audio(data: bytes, sample_rate: int, max_seconds: float | None = None
     limit = int(max_seconds * sample_rate) if max_seconds else None
     chunks: list[np.ndarray] = []
     got = 0
+    resampler = None  # made for the first frame that needs more than a format conversion
     try:
         with _open_audio(data) as container:
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             for frame in container.decode(audio=0):
-                for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
-                    chunks.append(chunk)
-                    got += chunk.shape[0]
+                direct = _as_float(frame, sample_rate) if resampler is None else None
+                if direct is not None:
+                    chunks.append(direct)
+                    got += direct.shape[0]
+                else:
+                    resampler = resampler or av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+                    for out in resampler.resample(frame):
+                        chunk = out.to_ndarray().reshape(-1)
+                        chunks.append(chunk)
+                        got += chunk.shape[0]
                 if limit is not None and got >= limit:
                     break
             else:
-                for out in resampler.resample(None):
+                for out in resampler.resample(None) if resampler is not None else []:
                     chunks.append(out.to_ndarray().reshape(-1))
     except DecodeError:
         raise

@@ -75,6 +75,53 @@ def test_audio_decoding_reads_a_short_probe_and_gets_what_a_full_probe_gets():
 
 
 @pytest.mark.quick
+def test_mono_audio_at_the_rate_skips_the_resampler_and_gets_its_samples_bit_for_bit(sample_dir, labels):
+    """Mono frames already at the target rate become float32 without FFmpeg's resampler: the samples must be the
+    resampler's, bit for bit, for every sample clip (16, 22.05 and 44.1 kHz, mono and stereo) at three rates and
+    two cuts, and for generated mono clips in each sample format that is converted directly (s16, flt, fltp)."""
+    import io
+
+    import av
+    import soundfile as sf
+
+    from curation.scoring import decode
+
+    def resampled(data: bytes, rate: int, max_seconds: float | None = None) -> np.ndarray:
+        limit = int(max_seconds * rate) if max_seconds else None
+        chunks, got = [], 0
+        with av.open(io.BytesIO(data)) as container:
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in container.decode(audio=0):
+                chunks += [o.to_ndarray().reshape(-1) for o in resampler.resample(frame)]
+                got = sum(len(c) for c in chunks)
+                if limit is not None and got >= limit:
+                    break
+            else:
+                chunks += [o.to_ndarray().reshape(-1) for o in resampler.resample(None)]
+        return np.concatenate(chunks)[:limit]
+
+    def formats(data: bytes) -> set[str]:
+        with av.open(io.BytesIO(data)) as container:
+            return {f.format.name for f in container.decode(audio=0) if len(f.layout.channels) == 1}
+
+    clips = [(sample_dir / r["path"]).read_bytes() for r in labels if r["modality"] == "audio" and r["defect"] is None]
+    t = np.arange(16000 * 2) / 16000
+    mono = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.sin(2 * np.pi * 3100 * t)).astype(np.float32)
+    direct: set[str] = set()
+    for fmt, subtype in [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("OGG", "VORBIS")]:
+        buf = io.BytesIO()
+        sf.write(buf, mono, 16000, format=fmt, subtype=subtype)
+        clips.append(buf.getvalue())
+        direct |= formats(buf.getvalue()) & set(decode._AS_FLOAT)
+    assert direct == {"s16", "flt", "fltp"}, direct  # each directly converted format is compared below
+    for data in clips:
+        for rate in (16000, 22050, 48000):
+            for cut in (None, 0.3):
+                ours = decode.decode_audio(data, rate, cut)
+                assert ours.dtype == np.float32 and np.array_equal(ours, resampled(data, rate, cut)), (rate, cut)
+
+
+@pytest.mark.quick
 def test_sampled_video_frames_are_pyavs_own_rgb_frames(sample_dir, labels):
     """sample_video_frames converts frames through one shared swscale context and decodes with one thread: each
     frame must equal PyAV's own ``to_image()`` of the frame at that index, for every codec in the sample and on
