@@ -95,3 +95,33 @@ def test_gpu_workers_never_outnumber_the_gpus():
     assert worker_count(cfg, odd, 3) == 2
     with pytest.raises(ConfigError, match="no GPU"):
         worker_count(cfg, stage, 0)
+
+
+class _AllocatorState:
+    """A dataset whose items report whether the process serving them set the decode allocator."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> object:
+        from curation.scoring import decode
+
+        return decode._MALLOC_SET
+
+
+@pytest.mark.quick
+def test_trainer_data_workers_keep_the_memory_decoding_frees():
+    """The trainer's DataLoader workers decode media as the score stage's tasks do, and set the allocator as they
+    do (an audio sample for the default CLAP extractor: 19 ms with glibc's defaults, 10 ms with the setting),
+    while a worker started without the trainer's set-up does not."""
+    import torch
+
+    from curation.train.loop import _decode_worker
+
+    def states(**kwargs) -> list:  # fresh worker interpreters: a forked one would inherit this process's setting
+        loader = torch.utils.data.DataLoader(_AllocatorState(), batch_size=None, num_workers=1,
+                                             multiprocessing_context="spawn", **kwargs)  # fmt: skip
+        return list(loader)
+
+    assert states(worker_init_fn=_decode_worker) == [True, True]
+    assert states() == [None, None]
