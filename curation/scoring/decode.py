@@ -221,8 +221,10 @@ def _seek_frames(container, stream, duration: float, n: int, rgb: _RgbFrames) ->
 
 
 # sample formats whose mono frames at the target rate become float32 samples without FFmpeg's resampler, and the
-# factor: what the resampler computes for them, bit for bit (a test compares every sample clip and both formats)
-_AS_FLOAT = {"s16": 1.0 / 32768.0, "s16p": 1.0 / 32768.0, "flt": None, "fltp": None}
+# power of two that scales integers to [-1, 1): the resampler's own samples, bit for bit (a test compares every
+# sample clip and generated clips in each format; 24-bit FLAC decodes as s32). Others (double, unsigned 8-bit)
+# keep the resampler.
+_AS_FLOAT = {"s16": 2.0**-15, "s16p": 2.0**-15, "s32": 2.0**-31, "s32p": 2.0**-31, "flt": None, "fltp": None}
 
 
 def _as_float(frame, sample_rate: int) -> np.ndarray | None:

@@ -78,7 +78,7 @@ def test_audio_decoding_reads_a_short_probe_and_gets_what_a_full_probe_gets():
 def test_mono_audio_at_the_rate_skips_the_resampler_and_gets_its_samples_bit_for_bit(sample_dir, labels):
     """Mono frames already at the target rate become float32 without FFmpeg's resampler: the samples must be the
     resampler's, bit for bit, for every sample clip (16, 22.05 and 44.1 kHz, mono and stereo) at three rates and
-    two cuts, and for generated mono clips in each sample format that is converted directly (s16, flt, fltp)."""
+    two cuts, and for generated mono clips in each sample format that is converted directly (s16, s32, flt, fltp)."""
     import io
 
     import av
@@ -108,12 +108,13 @@ def test_mono_audio_at_the_rate_skips_the_resampler_and_gets_its_samples_bit_for
     t = np.arange(16000 * 2) / 16000
     mono = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.sin(2 * np.pi * 3100 * t)).astype(np.float32)
     direct: set[str] = set()
-    for fmt, subtype in [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("OGG", "VORBIS")]:
+    for fmt, subtype in [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("FLAC", "PCM_24"),
+                         ("WAV", "PCM_32"), ("OGG", "VORBIS")]:  # fmt: skip
         buf = io.BytesIO()
         sf.write(buf, mono, 16000, format=fmt, subtype=subtype)
         clips.append(buf.getvalue())
         direct |= formats(buf.getvalue()) & set(decode._AS_FLOAT)
-    assert direct == {"s16", "flt", "fltp"}, direct  # each directly converted format is compared below
+    assert direct == {"s16", "s32", "flt", "fltp"}, direct  # each directly converted format is compared below
     for data in clips:
         for rate in (16000, 22050, 48000):
             for cut in (None, 0.3):
