@@ -1,6 +1,7 @@
 """Media decoding shared by the scorers and the bootstrap trainer, so a model is trained on exactly the inputs it
 scores: images through open_clip's own preprocessing, video as N frames sampled uniformly with PyAV, audio as
-mono float32 at the model's sample rate (PyAV's resampler)."""
+mono float32 at the model's sample rate (PyAV's resampler, or the same samples by a plain format conversion where
+that is all the resampler would do)."""
 
 from __future__ import annotations
 
