@@ -43,23 +43,35 @@ def test_decoders_sample_frames_resample_audio_and_reject_garbage(sample_dir, la
             fn(b"\x5a\x71\x13\x07" + bytes(range(200)) * 20)
 
 
+def resampled(data: bytes, rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """The reference for ``decode_audio``: every frame through FFmpeg's resampler (default probe), cut as it cuts."""
+    import io
+
+    import av
+
+    limit = int(max_seconds * rate) if max_seconds else None
+    chunks, got = [], 0
+    with av.open(io.BytesIO(data)) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        for frame in container.decode(audio=0):
+            chunks += [o.to_ndarray().reshape(-1) for o in resampler.resample(frame)]
+            got = sum(len(c) for c in chunks)
+            if limit is not None and got >= limit:
+                break
+        else:
+            chunks += [o.to_ndarray().reshape(-1) for o in resampler.resample(None)]
+    return np.concatenate(chunks)[:limit]
+
+
 @pytest.mark.quick
 def test_audio_decoding_reads_a_short_probe_and_gets_what_a_full_probe_gets():
     """decode_audio opens containers with a 4 KiB probe: for every container here, the samples must equal those of
     FFmpeg's default probe, also behind a 64 KiB ID3 tag."""
     import io
 
-    import av
     import soundfile as sf
 
     from curation.scoring.decode import decode_audio
-
-    def full_probe(data: bytes) -> np.ndarray:
-        with av.open(io.BytesIO(data)) as container:
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
-            chunks = [o.to_ndarray().reshape(-1) for f in container.decode(audio=0) for o in resampler.resample(f)]
-            chunks += [o.to_ndarray().reshape(-1) for o in resampler.resample(None)]
-        return np.concatenate(chunks)
 
     t = np.arange(44100 * 2) / 44100
     stereo = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 660 * t)], axis=1) * 0.3
@@ -69,9 +81,9 @@ def test_audio_decoding_reads_a_short_probe_and_gets_what_a_full_probe_gets():
         sf.write(buf, stereo, 44100, format=fmt, subtype=subtype)
         data = buf.getvalue()
         ours = decode_audio(data, 16000)
-        assert np.array_equal(ours, full_probe(data)) and abs(len(ours) / 16000 - 2) < 0.1, fmt
+        assert np.array_equal(ours, resampled(data, 16000)) and abs(len(ours) / 16000 - 2) < 0.1, fmt
         if fmt in ("FLAC", "MP3"):  # formats that carry ID3 tags in the wild
-            assert np.array_equal(decode_audio(id3 + data, 16000), full_probe(id3 + data)), fmt
+            assert np.array_equal(decode_audio(id3 + data, 16000), resampled(id3 + data, 16000)), fmt
 
 
 @pytest.mark.quick
@@ -85,20 +97,6 @@ def test_mono_audio_at_the_rate_skips_the_resampler_and_gets_its_samples_bit_for
     import soundfile as sf
 
     from curation.scoring import decode
-
-    def resampled(data: bytes, rate: int, max_seconds: float | None = None) -> np.ndarray:
-        limit = int(max_seconds * rate) if max_seconds else None
-        chunks, got = [], 0
-        with av.open(io.BytesIO(data)) as container:
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            for frame in container.decode(audio=0):
-                chunks += [o.to_ndarray().reshape(-1) for o in resampler.resample(frame)]
-                got = sum(len(c) for c in chunks)
-                if limit is not None and got >= limit:
-                    break
-            else:
-                chunks += [o.to_ndarray().reshape(-1) for o in resampler.resample(None)]
-        return np.concatenate(chunks)[:limit]
 
     def formats(data: bytes) -> set[str]:
         with av.open(io.BytesIO(data)) as container:
