@@ -56,23 +56,30 @@ class ClipSimilarityScorer(MediaTextScorer):
 
     def __init__(self, spec: Any, has_gpu: bool = False, drop_inputs: bool = False):
         from curation.models.clip import input_dtype, load_clip
+        from curation.scoring.decode import ImagePreprocessor
 
         limit_threads(spec.num_cpus)
         self.device, precision = resolve_device(spec, has_gpu)
         self.model, self.tokenizer, cfg = load_clip(spec, self.device, precision)
         self.dtype = input_dtype(precision)
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        self.preprocess = ImagePreprocessor(cfg)
         self.batch_size = spec.batch_size
         self.drop_inputs = drop_inputs
 
     def embed_media(self, arrays: list[np.ndarray]):
-        """Normalised embeddings of images (H, W, 3) and videos (F, H, W, 3), all frames in one forward pass."""
+        """Normalised embeddings of images (H, W, 3) and videos (F, H, W, 3), all frames in one forward pass.
+        Frames not at the model's input size (decoded for a GPU actor) are resized here first, on its device."""
         import torch
         import torch.nn.functional as F
 
         from curation.scoring.decode import ImagePreprocessor, frame_runs
 
-        x = ImagePreprocessor.to_tensor(frame_runs(arrays), self.mean, self.std, self.device, self.dtype)
+        hw = self.preprocess.hw
+        pixels = frame_runs(arrays)
+        if any(p.shape[1:3] != hw for p in pixels):
+            pixels = self.preprocess.resized(arrays, self.device)
+        x = ImagePreprocessor.to_tensor(pixels, self.mean, self.std, self.device, self.dtype)
         with torch.inference_mode():
             emb = F.normalize(self.model.encode_image(x).float(), dim=-1)
         counts = torch.tensor([1 if a.ndim == 3 else a.shape[0] for a in arrays], device=emb.device)

@@ -49,31 +49,41 @@ class ImagePreprocessor:
         self.mean = tuple(float(m) for m in preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
         self.std = tuple(float(s) for s in preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
 
+    def geometry(self, h: int, w: int) -> tuple[tuple[int, int], bool, int]:
+        """For an image of ``h`` x ``w``: its resized size (h, w), whether that resize is bilinear (else bicubic),
+        and the fill of any pad around it."""
+        th, tw = self.hw
+        if self.mode == "squash":  # torchvision Resize((h, w))
+            return (th, tw), self.bilinear, 0
+        if self.mode == "longest":  # open_clip ResizeKeepRatio(longest=1) + CenterCropOrPad(fill_color)
+            return _keep_ratio((h, w), self.hw, longest=True), self.bilinear, self.fill
+        if th == tw:  # torchvision Resize(size): the shorter edge to size, the longer in proportion, truncated
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = th, int(th * long / short)
+            return ((new_long, new_short) if w <= h else (new_short, new_long)), self.bilinear, 0
+        # open_clip ResizeKeepRatio(size) at its default bicubic, whatever the interpolation
+        return _keep_ratio((h, w), self.hw, longest=False), False, 0
+
     def pixels(self, img) -> np.ndarray:
         """RGB PIL image -> uint8 array (H, W, 3) at the model's input size."""
         from PIL import Image
 
-        bicubic = Image.Resampling.BICUBIC
-        resample = Image.Resampling.BILINEAR if self.bilinear else bicubic
-        (th, tw), (w, h) = self.hw, img.size
-        fill = 0
-        if self.mode == "squash":  # torchvision Resize((h, w))
-            new = (th, tw)
-        elif self.mode == "longest":  # open_clip ResizeKeepRatio(longest=1) + CenterCropOrPad(fill_color)
-            new = _keep_ratio((h, w), self.hw, longest=True)
-            fill = self.fill
-        elif th == tw:  # torchvision Resize(size): the shorter edge to size, the longer in proportion, truncated
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = th, int(th * long / short)
-            new = (new_long, new_short) if w <= h else (new_short, new_long)
-        else:  # open_clip ResizeKeepRatio(size) at its default bicubic, whatever the interpolation
-            new, resample = _keep_ratio((h, w), self.hw, longest=False), bicubic
+        w, h = img.size
+        new, bilinear, fill = self.geometry(h, w)
         if new != (h, w):  # torchvision leaves an image already at the size untouched
-            img = img.resize((new[1], new[0]), resample)
+            img = img.resize((new[1], new[0]), Image.Resampling.BILINEAR if bilinear else Image.Resampling.BICUBIC)
         if img.mode != "RGB":
             img = img.convert("RGB")
         arr = np.asarray(img, dtype=np.uint8)
         return arr if self.mode == "squash" else _center_crop_or_pad(arr, self.hw, fill)
+
+    def resized(self, arrays: list[np.ndarray], device: Any = "cpu"):
+        """Images (H, W, 3) and videos (F, H, W, 3) as decoded, at any size, resized and cropped as :meth:`pixels`
+        does it, bit for bit, on ``device``: a uint8 tensor (frames, H, W, 3) (see
+        :mod:`curation.scoring.resample`)."""
+        from curation.scoring.resample import resize_batch
+
+        return resize_batch(arrays, self.geometry, self.hw, device)
 
     @staticmethod
     def to_tensor(pixels, mean, std, device="cpu", dtype=None):
@@ -96,10 +106,12 @@ class ImagePreprocessor:
 
 
 def _keep_ratio(hw: tuple[int, int], target: tuple[int, int], longest: bool) -> tuple[int, int]:
-    """open_clip's ``ResizeKeepRatio`` size at inference: scale by the longest (or shortest) edge's ratio."""
+    """open_clip's ``ResizeKeepRatio`` size at inference: scale by the longest (or shortest) edge's ratio. An edge
+    that would round to nothing (a strip 500 times longer than wide, fitted into the square) keeps one pixel,
+    where open_clip's own transform raises."""
     rh, rw = hw[0] / target[0], hw[1] / target[1]
     ratio = max(rh, rw) if longest else min(rh, rw)
-    return round(hw[0] / ratio), round(hw[1] / ratio)
+    return max(1, round(hw[0] / ratio)), max(1, round(hw[1] / ratio))
 
 
 def _center_crop_or_pad(arr: np.ndarray, hw: tuple[int, int], fill: int) -> np.ndarray:
@@ -303,13 +315,22 @@ def _open_audio(data: bytes):
 class DecodePlan:
     """What the decode tasks turn media into: the geometric preprocessing of the image-text model for images and
     video frames (``None``: that modality is not scored), the number of frames, and the CLAP inputs
-    (:class:`AudioFeatures`; ``None``: audio is not scored), made here or, with ``audio_waves``, by the actor."""
+    (:class:`AudioFeatures`; ``None``: audio is not scored), made here or, with ``audio_waves``, by the actor.
+    With ``pixels_as_decoded`` images and frames go at their decoded size (JPEGs at a reduced scale where that
+    is enough) and the CLIP actor resizes them on its GPU, to the same pixels (:mod:`curation.scoring.resample`);
+    images over :data:`AS_DECODED_MAX_AREA` times the model's input area are still resized here."""
 
     image: dict[str, Any] | None = None
     video: dict[str, Any] | None = None
     video_frames: int = 8
     audio: AudioFeatures | None = None
     audio_waves: bool = False  # send the clips' samples: the CLAP actor makes their log-mels on its GPU
+    pixels_as_decoded: bool = False  # send images and frames unresized: the CLIP actor resizes them on its GPU
+
+
+# with ``pixels_as_decoded``, an image (after JPEG's reduced-scale decode) up to this many times the model's input
+# area goes unresized: larger ones would cost the object store and the GPU more than their resize costs a core
+AS_DECODED_MAX_AREA = 16
 
 
 INPUT_COLUMNS = ("inputs", "input_shape")
@@ -438,20 +459,29 @@ def _pad(wave: np.ndarray, length: int, how: str) -> np.ndarray:
 
 
 def decode_one(data: bytes, modality: str, plan: DecodePlan, num_frames: int | None = None) -> np.ndarray | None:
-    """Model-ready array for one record: uint8 (H, W, 3) for an image, (F, H, W, 3) for a video, float32 (1, T, F)
-    log-mel for audio (its samples, 1-D, with ``plan.audio_waves``); ``None`` when that modality is not scored.
+    """Model-ready array for one record: uint8 (H, W, 3) for an image, (F, H, W, 3) for a video (at the model's
+    input size, or with ``plan.pixels_as_decoded`` as decoded), float32 (1, T, F) log-mel for audio (its samples,
+    1-D, with ``plan.audio_waves``); ``None`` when that modality is not scored.
     Raises :class:`DecodeError`."""
     if modality == "image" and plan.image is not None:
         pre = _image_preprocessor(json.dumps(plan.image, sort_keys=True))
-        return pre.pixels(open_image(data, pre.size))
+        img = open_image(data, pre.size)
+        return np.asarray(img) if _as_decoded(plan, pre, img) else pre.pixels(img)
     if modality == "video" and plan.video is not None:
         pre = _image_preprocessor(json.dumps(plan.video, sort_keys=True))
-        return np.stack([pre.pixels(f) for f in sample_video_frames(data, plan.video_frames, num_frames)])
+        frames = sample_video_frames(data, plan.video_frames, num_frames)
+        as_decoded = _as_decoded(plan, pre, frames[0])
+        return np.stack([np.asarray(f) if as_decoded else pre.pixels(f) for f in frames])
     if modality == "audio" and plan.audio is not None:
         audio = plan.audio
         wave = decode_audio(data, audio.sampling_rate, audio.max_samples / audio.sampling_rate)
         return wave if plan.audio_waves else audio.mel(wave)
     return None
+
+
+def _as_decoded(plan: DecodePlan, pre: ImagePreprocessor, img) -> bool:
+    """Whether an RGB image (or a clip's frames, all of its size) goes to the actor at its decoded size."""
+    return plan.pixels_as_decoded and img.size[0] * img.size[1] <= AS_DECODED_MAX_AREA * pre.hw[0] * pre.hw[1]
 
 
 _MALLOC_SET: bool | None = None  # whether keep_freed_memory took effect in this process (None: not tried)

@@ -250,10 +250,11 @@ class ScoreStage(Stage):
             kwargs = _pool_kwargs(cfg.language, gpus, uses_gpu=False, text=True)
             stages.append((LanguageIdScorer, {"spec": cfg.language}, kwargs))
         decode = _fit_cpus([k for _, _, k in stages], decode_cpus(cfg, gpus), resources.get("CPU", 1))
-        # with GPUs, the CLAP log-mels move from the decode tasks' cores to the actors' GPUs, and the CLIP tokens
-        # from the actors' cores (which pace their GPUs) to the tasks
+        # with GPUs, the CLAP log-mels and the images' and frames' resizes move from the decode tasks' cores to the
+        # actors' GPUs, and the CLIP tokens from the actors' cores (which pace their GPUs) to the tasks
         on_gpu = {cls.name for cls, _, kw in stages if "num_gpus" in kw}
         plan.audio_waves = "audio_text" in on_gpu
+        plan.pixels_as_decoded = "image_text" in on_gpu
         used = {"image_text": "image_text" in media or "video_text" in media, "audio_text": "audio_text" in media,
                 "perplexity": "perplexity" in cfg.scorers, "language": "language" in cfg.scorers}  # fmt: skip
         log.info("score: models: %s", ", ".join(f"{k}={_describe(getattr(cfg, k))}" for k, on in used.items() if on)

@@ -256,6 +256,50 @@ def test_image_geometry_equals_open_clips_transform_pixel_for_pixel(resize_mode)
                 assert np.array_equal(got, np.asarray(ref)), (interpolation, size, (w, h))
 
 
+@pytest.mark.quick
+def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir, labels):
+    """What a GPU actor does to images and frames sent at their decoded size (``resized``, in torch) against what a
+    decode task does with PIL (``pixels``): random sizes shrunk and enlarged, Pillow's two pass orders, both
+    interpolations, every resize mode with a pad colour, videos, frames already at the size; and the sample's own
+    images and video frames as the decode step sends them."""
+    from PIL import Image
+
+    from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
+    from curation.scoring.resample import horizontal_first
+
+    rng = np.random.default_rng(1)
+    orders = set()
+    cfgs = [{"size": 48}, {"size": 48, "interpolation": "bilinear"}, {"size": (40, 56)},
+            {"size": 48, "resize_mode": "longest", "fill_color": 127}, {"size": (56, 40), "resize_mode": "squash"}]  # fmt: skip
+    for cfg in cfgs:
+        pre = ImagePreprocessor(cfg)
+        arrays, want = [], []
+        for i in range(24):
+            h, w = (int(v) for v in rng.integers(1, 160, 2)) if i else pre.hw
+            orders.add(horizontal_first((h, w), pre.geometry(h, w)[0]))
+            smooth = np.cumsum(rng.integers(-12, 13, (h, w, 3)), 1) + 128  # edges and gradients: the filter's overshoot
+            a = np.clip(smooth, 0, 255).astype(np.uint8) if i % 2 else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            a = np.stack([a, a[::-1, ::-1]]) if i % 5 == 4 else a  # a video of two frames
+            arrays.append(a)
+            want += [pre.pixels(Image.fromarray(f)) for f in (a if a.ndim == 4 else [a])]
+        got = pre.resized(arrays).numpy()
+        assert got.shape == (len(want), *pre.hw, 3)
+        for i, (g, r) in enumerate(zip(got, want)):
+            assert np.array_equal(g, r), (cfg, i)
+    assert orders == {True, False}  # both of Pillow's pass orders were taken
+
+    rows = [r for r in labels if r["modality"] in ("image", "video") and r["defect"] is None][:60]
+    for cfg in ({"size": 224}, {"size": 64}):  # the sample's images are enlarged and shrunk
+        plan = DecodePlan(image=cfg, video=cfg, video_frames=2)
+        sent = DecodePlan(image=cfg, video=cfg, video_frames=2, pixels_as_decoded=True)
+        data = [(sample_dir / r["path"]).read_bytes() for r in rows]
+        want = np.concatenate([np.reshape(decode_one(d, r["modality"], plan), (-1, *ImagePreprocessor(cfg).hw, 3))
+                               for d, r in zip(data, rows)])  # fmt: skip
+        as_decoded = [decode_one(d, r["modality"], sent) for d, r in zip(data, rows)]
+        assert sum(a.shape[-3:-1] != (cfg["size"],) * 2 for a in as_decoded) > len(rows) // 2
+        assert np.array_equal(ImagePreprocessor(cfg).resized(as_decoded).numpy(), want)
+
+
 def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_models, tmp_path):
     """A new decode worker must start light: the score stage's decode plan, unpickled in a fresh interpreter,
     decodes an image, a video and an audio clip, and the LM's ids step tokenizes, without importing torch,
@@ -292,6 +336,42 @@ def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_mode
     size = plan.image["size"]
     assert lines[0] == str((size, size, 3)) and lines[1] == str((8, size, size, 3)) and lines[2].startswith("(1, ")
     assert lines[-1] == "[]", out.stdout
+
+
+@pytest.mark.quick
+def test_images_sent_at_their_decoded_size_score_as_those_resized_in_the_tasks(bootstrap_models, sample_dir, labels):
+    """A GPU stage's decode tasks send images and frames unresized and the CLIP actor resizes them: the scorer's
+    batch path gives exactly the scores and embeddings of the tasks resizing them, here on the CPU. An image over
+    the area limit is still resized in its task, and both kinds mix in one batch."""
+    from curation.scoring import decode
+    from curation.scoring.clip_similarity import ClipSimilarityScorer
+    from curation.scoring.decode import DecodePlan, decode_one
+
+    scorer = ClipSimilarityScorer(ScoreConfig.Model())
+    cfg = scorer.model.visual.preprocess_cfg
+    rows = [r for r in labels if r["modality"] in ("image", "video") and r["defect"] is None][:24]
+
+    def table(plan):
+        arrays = [decode_one((sample_dir / r["path"]).read_bytes(), r["modality"], plan) for r in rows]
+        return arrays, pa.table({
+            "modality": [r["modality"] for r in rows], "caption": [r["caption"] for r in rows],
+            "inputs": pa.array([a.tobytes() for a in arrays], pa.large_binary()),
+            "input_shape": [list(a.shape) for a in arrays], "undecodable": pa.nulls(len(rows), pa.string()),
+        })  # fmt: skip
+
+    resized, in_tasks = table(DecodePlan(image=cfg, video=cfg, video_frames=3))
+    sizes = sorted(np.prod(a.shape[-3:-1]) for a in table(DecodePlan(image=cfg, video=cfg, video_frames=3,
+                                                                     pixels_as_decoded=True))[0])  # fmt: skip
+    # the limit between the sample's two largest images: the largest is resized in its task, the rest are not
+    limit = (sizes[-2] + 1) / np.prod(scorer.preprocess.hw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "AS_DECODED_MAX_AREA", limit)
+        as_decoded, unresized = table(DecodePlan(image=cfg, video=cfg, video_frames=3, pixels_as_decoded=True))
+    at_size = [a.shape[-3:-1] == scorer.preprocess.hw for a in as_decoded]
+    assert 0 < sum(at_size) < len(rows) // 2, at_size
+    want, got = scorer(in_tasks), scorer(unresized)
+    for column in ("clip_score", "embedding"):
+        assert got.column(column).to_pylist() == want.column(column).to_pylist()
 
 
 @pytest.mark.quick
@@ -544,6 +624,14 @@ def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
         (want, want_emb), (got, got_emb) = cpu.score(arrays, captions), gpu.score(arrays, captions)
         assert got.shape == want.shape == (len(arrays),) and np.allclose(want, got, atol=2e-2)
         assert np.allclose(want_emb, got_emb, atol=2e-2) and np.allclose(np.linalg.norm(got_emb, axis=1), 1, atol=1e-3)
+    # sent at their decoded size (as the stage does for a CLIP actor with a GPU), resized there: the same pixels
+    plan.pixels_as_decoded = True
+    rows = clean["image"][:6] + clean["video"][:6]
+    unresized = [decode_one((sample_dir / r["path"]).read_bytes(), r["modality"], plan) for r in rows]
+    pixels = gpu.preprocess.resized(unresized, gpu.device)
+    assert pixels.device.type == "cuda"
+    assert np.array_equal(pixels.cpu().numpy(), np.concatenate([a.reshape(-1, *a.shape[-3:]) for a in mixed[0]]))
+    assert np.allclose(gpu.score(unresized, mixed[1])[0], gpu.score(*mixed)[0], atol=1e-5)
 
     cpu_clap, gpu_clap = ClapSimilarityScorer(spec), ClapSimilarityScorer(spec, has_gpu=True)
     assert gpu_clap.dtype == torch.float16
@@ -583,8 +671,8 @@ def test_score_config_validates_with_keys():
 @pytest.mark.slow
 def test_on_a_gpu_cluster_clip_tokens_and_clap_log_mels_leave_the_decode_tasks(scored_run, monkeypatch):
     """The stage's plan on a cluster with a GPU (the pipeline built, not run): the decode tasks send the clips'
-    samples for the CLAP actor to make their log-mels, and a task step makes the CLIP tokens; without a GPU,
-    neither."""
+    samples for the CLAP actor to make their log-mels and the images unresized for the CLIP actor to resize, and
+    a task step makes the CLIP tokens; without a GPU, none of these."""
     import ray
 
     from curation.stages.base import StageContext
@@ -606,6 +694,7 @@ def test_on_a_gpu_cluster_clip_tokens_and_clap_log_mels_leave_the_decode_tasks(s
         ds = stage.dataset(config.score, stage.kept_records(columns=["modality"]))
         decode_plan, _ = plans[-1]
         assert decode_plan.audio is not None and decode_plan.audio_waves is on_gpu
+        assert decode_plan.pixels_as_decoded is on_gpu
         assert ("add_clip_tokens" in str(ds)) is on_gpu and "ClapSimilarityScorer" in str(ds)
 
 

@@ -1,0 +1,205 @@
+"""Pillow's resize (bicubic or bilinear, 8 bits a channel), computed in torch for a batch of images of any sizes:
+the same pixels, bit for bit, on a GPU.
+
+On a GPU the image-text model scores images faster than the cores can resize them with PIL (on the sample, PIL's
+resize was two thirds of an image's decode time), so the decode tasks can send the decoded pixels at their own
+size and the model's actor resizes them here. Pillow's arithmetic is integer and deterministic, and this is it:
+
+* each pass's weights are Pillow's ``precompute_coeffs`` (the filter evaluated in double precision at the same
+  points by the same operations, normalised by the same sequential sum) rounded to 22-bit fixed point as
+  ``normalize_coeffs_8bpc`` rounds them. They are made on the device for every frame of a chunk at once: made
+  frame by frame in numpy they took 140 us an image of the actor's CPU, which paces its GPU;
+* each pass sums ``pixel * weight`` from ``2**21`` and keeps ``sum >> 22`` clipped to 0-255. The sums are
+  integers below 2**40, which float64 holds exactly, so a dense float64 matrix product gives the same sums in any
+  order, on any device;
+* the passes run in Pillow's order: horizontal first, except (since Pillow 13) when the height shrinks by more
+  than twice as many pixels as the width. The intermediate image is rounded to 8 bits between them, so the order
+  matters (a new rule in a later Pillow would fail the test below).
+
+A test compares this with PIL's resize for random sizes in both orders and both filters, and for every image and
+video frame of the generated sample in every open_clip resize mode. Only the output rows and columns that the
+centre crop keeps are computed: each output pixel depends on its own weights alone, so cropping the weights is
+exact."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import PIL
+
+PRECISION_BITS = 22  # Pillow: 32 - 8 bits of result - 2 bits of headroom
+_HALF = float(1 << (PRECISION_BITS - 1))
+_ONE = float(1 << PRECISION_BITS)
+MAX_CHUNK_PIXELS = 1 << 24  # source pixels (padded) resized in one go: bounds each float64 buffer to ~400 MB
+_PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
+
+
+def _bicubic(x):
+    """Pillow's ``bicubic_filter`` (a = -0.5), in its order of operations, on a float64 tensor."""
+    import torch
+
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, 0.0))
+
+
+def _bilinear(x):
+    import torch
+
+    x = x.abs()
+    return torch.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def horizontal_first(src: tuple[int, int], new: tuple[int, int]) -> bool:
+    """Whether Pillow resizes the width before the height for ``src`` -> ``new`` (both (h, w))."""
+    if _PILLOW_MAJOR < 13:
+        return True
+    shrink_h, shrink_w = src[0] - new[0], src[1] - new[1]
+    return not (shrink_h > 0 and shrink_h > shrink_w * 2)
+
+
+def crop_offset(size: int, target: int) -> int:
+    """Where the model's centre crop (or pad) of an axis of ``size`` pixels to ``target`` starts, in resized pixels:
+    torchvision's crop offset rounds half to even; a pad (negative) puts the odd pixel after."""
+    return -((target - size) // 2) if target > size else int(round((size - target) / 2.0))
+
+
+def axis_weights(src, new, offset, target: int, width: int, bilinear: bool):
+    """Pillow's fixed-point weights for one axis of ``n`` frames, as dense float64 matrices (n, target, width):
+    frame ``i``'s axis resized from ``src[i]`` to ``new[i]`` pixels, of which output pixel ``p`` is resized pixel
+    ``p + offset[i]`` (the centre crop or pad). Also which output pixels lie inside the resized image (n, target):
+    those of a pad get no weights and come out 0. ``src``, ``new`` and ``offset`` are int64 tensors (n,) on the
+    device; ``width`` is at least every ``src``."""
+    import torch
+
+    dev = src.device
+    fn, support = (_bilinear, 1.0) if bilinear else (_bicubic, 2.0)
+    j = torch.arange(target, device=dev)[None] + offset[:, None]
+    inside = (j >= 0) & (j < new[:, None])
+    j = torch.minimum(j.clamp_min(0), new[:, None] - 1).double()
+    scale = (src.double() / new.double())[:, None]  # Pillow divides the (float32) box width: exact for real widths
+    filterscale = scale.clamp_min(1.0)
+    support = support * filterscale
+    ksize = int(torch.ceil(support).max()) * 2 + 1  # the widest frame's; the others' extra taps get no weight
+    center = (j + 0.5) * scale
+    first = torch.trunc(center - support + 0.5).clamp_min(0.0)
+    count = torch.minimum(torch.trunc(center + support + 0.5), src.double()[:, None]) - first
+    taps = torch.arange(ksize, device=dev, dtype=torch.float64)
+    w = fn((taps + first[..., None] - center[..., None] + 0.5) * (1.0 / filterscale)[..., None])
+    w = torch.where(taps < count[..., None], w, 0.0)
+    total = torch.zeros_like(center)
+    for t in range(ksize):  # Pillow sums tap by tap; a tensor sum would pair them up and round differently
+        total = total + w[..., t]
+    w = torch.where(total[..., None] != 0.0, w / torch.where(total == 0.0, 1.0, total)[..., None], w)
+    k = torch.where(w < 0, torch.trunc(-0.5 + w * _ONE), torch.trunc(0.5 + w * _ONE))
+    k = torch.where(inside[..., None], k, 0.0)
+    cols = (first[..., None] + taps).long().clamp_max(width - 1)  # past a pixel's last tap the weight is 0
+    dense = torch.zeros((src.shape[0], target, width), dtype=torch.float64, device=dev)
+    return dense.scatter_add_(2, cols, k), inside
+
+
+def resize_batch(arrays: list[np.ndarray], geometry, target: tuple[int, int], device: Any = "cpu"):
+    """Images (H, W, 3) and videos (F, H, W, 3), uint8, resized and cropped to ``target`` (h, w) as the model's
+    preprocessing would with PIL: a uint8 tensor (frames, h, w, 3) on ``device``, in order.
+
+    ``geometry(h, w)`` gives an image's resized size, whether its filter is bilinear, and its pad fill (as
+    :meth:`curation.scoring.decode.ImagePreprocessor.geometry`). Frames already at ``target`` are copied as they
+    are (that is what the model's preprocessing does to them)."""
+    import torch
+
+    from curation.scoring.decode import frame_runs
+
+    runs = frame_runs([a.reshape(-1, 1) for a in arrays])  # each array's bytes; back-to-back ones joined
+    flat = torch.empty(sum(r.shape[0] for r in runs), dtype=torch.uint8, device=device)
+    at = 0
+    with warnings.catch_warnings():  # views into Arrow memory are read-only; torch only reads them here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        for run in runs:  # one host-to-device copy a run of rows that lie back to back in Arrow memory
+            flat[at : at + run.shape[0]].copy_(torch.from_numpy(run.reshape(-1)))
+            at += run.shape[0]
+    frames: list[tuple[int, int, int]] = []  # (byte offset in the device buffer, h, w) of every frame
+    at = 0
+    for a in arrays:
+        f = a[None] if a.ndim == 3 else a
+        size = f.shape[1] * f.shape[2] * 3
+        frames.extend((at + i * size, f.shape[1], f.shape[2]) for i in range(f.shape[0]))
+        at += f.shape[0] * size
+    out = torch.empty((len(frames), target[0], target[1], 3), dtype=torch.uint8, device=device)
+    groups: dict[Any, list[int]] = {}  # frames resized alike: Pillow's pass order, the filter, the pad's fill
+    news: dict[int, tuple[int, int]] = {}
+    for i, (_, h, w) in enumerate(frames):
+        if (h, w) == target:
+            groups.setdefault("as is", []).append(i)
+            continue
+        news[i], bilinear, fill = geometry(h, w)
+        groups.setdefault((horizontal_first((h, w), news[i]), bilinear, fill), []).append(i)
+    for key, idx in groups.items():
+        if key == "as is":
+            size = target[0] * target[1] * 3
+            for i in idx:
+                out[i] = flat[frames[i][0] : frames[i][0] + size].view(target[0], target[1], 3)
+            continue
+        idx.sort(key=lambda i: frames[i][1] * frames[i][2])  # similar sizes together: less padding
+        for chunk in _chunks(idx, frames):
+            _resize_chunk(flat, [frames[i] for i in chunk], [news[i] for i in chunk], out, chunk, target, key)
+    return out
+
+
+def _chunks(idx: list[int], frames: list[tuple[int, int, int]]):
+    """``idx`` in runs whose padded size (frames x tallest x widest) stays within :data:`MAX_CHUNK_PIXELS`."""
+    chunk: list[int] = []
+    hm = wm = 0
+    for i in idx:
+        h, w = frames[i][1], frames[i][2]
+        if chunk and (len(chunk) + 1) * max(hm, h) * max(wm, w) > MAX_CHUNK_PIXELS:
+            yield chunk
+            chunk, hm, wm = [], 0, 0
+        chunk.append(i)
+        hm, wm = max(hm, h), max(wm, w)
+    if chunk:
+        yield chunk
+
+
+def _gather(flat, frames: list[tuple[int, int, int]], hm: int, wm: int):
+    """The frames as one zero-padded float64 tensor (n, 3, hm, wm), gathered from the uint8 buffer in one go."""
+    import torch
+
+    dev = flat.device
+    base, hs, ws = (torch.tensor(v, device=dev)[:, None, None, None] for v in zip(*frames))
+    c = torch.arange(3, device=dev)[None, :, None, None]
+    y = torch.arange(hm, device=dev)[None, None, :, None]
+    x = torch.arange(wm, device=dev)[None, None, None, :]
+    inside = (y < hs) & (x < ws)
+    pos = torch.where(inside, base + (y * ws + x) * 3 + c, 0)
+    return torch.where(inside, flat[pos].double(), 0.0)
+
+
+def _round(sums):
+    """Pillow's ``clip8``: the fixed-point sums (started at half a unit) shifted down and clipped to 0-255."""
+    return sums.add_(_HALF).div_(_ONE).floor_().clamp_(0, 255)
+
+
+def _resize_chunk(flat, frames, news, out, where: list[int], target, key) -> None:
+    """Resize a chunk of frames alike (``key``: Pillow's pass order, the filter, the pad's fill) into ``out``."""
+    import torch
+
+    h_first, bilinear, fill = key
+    dev = flat.device
+    hm, wm = max(f[1] for f in frames), max(f[2] for f in frames)
+    x = _gather(flat, frames, hm, wm)
+
+    def axis(src, new, size, width):
+        offsets = [crop_offset(n, size) for n in new]
+        return axis_weights(*(torch.tensor(v, device=dev) for v in (src, new, offsets)), size, width, bilinear)
+
+    wy, rows = axis([f[1] for f in frames], [n[0] for n in news], target[0], hm)
+    wx, cols = axis([f[2] for f in frames], [n[1] for n in news], target[1], wm)
+    wy, wx = wy[:, None], wx[:, None].transpose(-1, -2)  # (n, 1, th, hm) and (n, 1, wm, tw): over the channels
+    y = _round(wy @ _round(x @ wx)) if h_first else _round(_round(wy @ x) @ wx)
+    if fill:  # the pad's pixels: outside the resized image's rows or columns
+        y = torch.where((rows[:, :, None] & cols[:, None, :])[:, None], y, float(fill))
+    out[torch.as_tensor(where, device=dev)] = y.permute(0, 2, 3, 1).to(torch.uint8)
