@@ -37,7 +37,8 @@ transformers' default ClapConfig and GPT-2 124M), where the model, not decoding,
 
 With a GPU (``--device cuda``, the default where one is present) the models run on it in fp16 as the stage runs
 them, the bare forward's inputs already on the GPU, Ray gets every core for decoding, and every batch is
-``GPU_BATCH`` times the CPU one.
+``GPU_BATCH`` times the CPU one. As in the stage, the decode tasks then send images and frames unresized and the
+CLIP actor resizes them on the GPU; the rate of that resize alone is printed too.
 
 Memory: the whole score stage (all scorers, tiny models) on N records and on 10N, with the peak memory of the driver
 and every Ray process (sampled every 0.2 s) for both; flat means the 10N peak stays near the N peak. The figure is
@@ -292,7 +293,7 @@ def decode_rate(
     scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, gpu: bool
 ) -> float | None:
     """Records/s of decoding alone (the decode tasks' work, one core, in this process); ``None`` for text. With a
-    GPU the tasks leave the CLAP log-mels to the actor, as the stage does."""
+    GPU the tasks leave the CLAP log-mels and the images' resizes to the actor, as the stage does."""
     from curation.scoring.decode import DecodePlan, decode_one, keep_freed_memory
 
     if not scorer.endswith("_text"):
@@ -307,7 +308,7 @@ def decode_rate(
         from curation.models.clip import clip_preprocess_cfg, resolve_clip
 
         cfg = clip_preprocess_cfg(resolve_clip(spec))
-        plan = DecodePlan(image=cfg, video=cfg, video_frames=video_frames)
+        plan = DecodePlan(image=cfg, video=cfg, video_frames=video_frames, pixels_as_decoded=gpu)
     rows = rows[:: max(1, len(rows) // 256)]  # spread over the run: clip lengths and formats vary
     data = [_media_bytes(run_dir, r) for r in rows]
     decode_one(data[0], rows[0]["modality"], plan, rows[0].get("num_frames"))  # warm-up: imports, first open
@@ -315,6 +316,32 @@ def decode_rate(
     for b, r in zip(data, rows):
         decode_one(b, r["modality"], plan, r.get("num_frames"))
     return len(rows) / (time.perf_counter() - started)
+
+
+def resize_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, n: int,
+                device: str = "cuda") -> float | None:  # fmt: skip
+    """Records/s of the CLIP actor's resize on ``device`` of images and frames sent at their decoded size (what a
+    GPU stage adds to the actor's GPU work), in batches of ``n``; ``None`` for the other scorers. Each record is
+    copied to the device on its own, where the actor copies a batch's adjacent rows at once."""
+    if scorer not in ("image_text", "video_text"):
+        return None
+    import torch
+
+    from curation.models.clip import clip_preprocess_cfg, resolve_clip
+    from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
+
+    cfg = clip_preprocess_cfg(resolve_clip(spec))
+    pre = ImagePreprocessor(cfg)
+    plan = DecodePlan(image=cfg, video=cfg, video_frames=video_frames, pixels_as_decoded=True)
+    arrays = [decode_one(_media_bytes(run_dir, r), r["modality"], plan, r.get("num_frames")) for r in rows]
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def run():
+        for i in range(0, len(arrays), n):
+            pre.resized(arrays[i : i + n], device)
+        sync()
+
+    return bare_rate(run, len(rows))
 
 
 def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
@@ -470,20 +497,25 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
         for _ in range(repeats or REPEATS[size]):  # each ratio from references taken right before its pipeline runs
             bare = bare_rate(forward, len(rows))
             decode = decode_rate(scorer, spec, rows, run_dir, config.score.video_frames, gpu)
+            # the decode tasks' share of the work under a GPU stage's plan, which leaves more of it to the actors
+            gpu_plan = decode if gpu else decode_rate(scorer, spec, rows, run_dir, config.score.video_frames, True)
             pipe = pipeline_rate(config, small, large)
             # the cores over one record's CPU work: its decode, and its forward unless that runs on the GPU
             bound = bare if decode is None else min(bare, CORES / (1 / decode + (0 if gpu else 1 / bare)))
-            pairs.append({**pipe, "bare": bare, "decode": decode, "bound": bound, "ratio": pipe["steady"] / bare,
-                          "of_bound": pipe["steady"] / bound})  # fmt: skip
+            pairs.append({**pipe, "bare": bare, "decode": decode, "decode_gpu_plan": gpu_plan, "bound": bound,
+                          "ratio": pipe["steady"] / bare, "of_bound": pipe["steady"] / bound})  # fmt: skip
         ratios = sorted(p["ratio"] for p in pairs)
+        resize = resize_rate(scorer, spec, rows, run_dir, config.score.video_frames, bs) if gpu else None
         row = {"size": size, "device": "cuda" if gpu else "cpu", "scorer": scorer, "batch": bs,
                "records": pairs[0]["records"], "pairs": len(pairs),
                "pipeline_rps": _median(pairs, "steady"), "end_to_end_rps": _median(pairs, "end_to_end"),
                "start_s": _median(pairs, "start_s"), "after_start_rps": _median(pairs, "after_start"),
                "bare_rps": _median(pairs, "bare"),
-               "decode_rps": _median(pairs, "decode"), "bound_rps": _median(pairs, "bound"),
+               "decode_rps": _median(pairs, "decode"), "decode_gpu_plan_rps": _median(pairs, "decode_gpu_plan"),
+               "bound_rps": _median(pairs, "bound"),
                "ratio": _median(pairs, "ratio", 2), "ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)],
-               "of_bound": _median(pairs, "of_bound", 2)}  # fmt: skip
+               "of_bound": _median(pairs, "of_bound", 2),
+               "gpu_resize_rps": None if resize is None else round(resize, 1)}  # fmt: skip
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -557,15 +589,22 @@ def main() -> int:
 def _print_table(results: dict[str, Any]) -> None:
     print(
         "\nscorer throughput (records/s; pipeline = score stage's Ray Data pipeline, steady state;\n"
-        "ratio = pipeline / bare, target >= 0.8; bound = bare, or the cores over one record's decode + forward)"
+        "ratio = pipeline / bare, target >= 0.8; bound = bare, or the cores over one record's decode + forward;\n"
+        "decode = one core's decode work; GPU plan = the same under a GPU stage's plan, which leaves more to the actors)"
     )
     print(f"{'size':<5} {'scorer':<13} {'batch':>5} {'records':>8} {'pipeline':>9} {'bare':>9} {'ratio':>6} "
-          f"{'range':>11} {'decode':>8} {'bound':>9} {'of bound':>8} {'start s':>7} {'after start':>11}")  # fmt: skip
+          f"{'range':>11} {'decode':>8} {'GPU plan':>8} {'bound':>9} {'of bound':>8} {'start s':>7} "
+          f"{'after start':>11}")  # fmt: skip
     for r in results["throughput"]:
         spread = "{:.2f}-{:.2f}".format(*r["ratio_range"])
         print(f"{r['size']:<5} {r['scorer']:<13} {r['batch']:>5} {r['records']:>8} {r['pipeline_rps']:>9} "
-              f"{r['bare_rps']:>9} {r['ratio']:>6} {spread:>11} {r['decode_rps'] or '-':>8} {r['bound_rps']:>9} "
-              f"{r['of_bound']:>8} {r['start_s']:>7} {r['after_start_rps'] or '-':>11}")  # fmt: skip
+              f"{r['bare_rps']:>9} {r['ratio']:>6} {spread:>11} {r['decode_rps'] or '-':>8} "
+              f"{r['decode_gpu_plan_rps'] or '-':>8} {r['bound_rps']:>9} {r['of_bound']:>8} {r['start_s']:>7} "
+              f"{r['after_start_rps'] or '-':>11}")  # fmt: skip
+    resized = [r for r in results["throughput"] if r.get("gpu_resize_rps")]
+    if resized:
+        print("GPU resize of images and frames sent at their decoded size (the CLIP actor's added GPU work), "
+              "records/s: " + ", ".join(f"{r['scorer']} {r['gpu_resize_rps']}" for r in resized))  # fmt: skip
     if results["memory"]:
         print(
             "\nscore stage, all scorers, peak memory of driver + Ray processes (PSS; summed RSS double-counts shared)"
