@@ -470,7 +470,8 @@ def decode_one(data: bytes, modality: str, plan: DecodePlan, num_frames: int | N
     if modality == "video" and plan.video is not None:
         pre = _image_preprocessor(json.dumps(plan.video, sort_keys=True))
         frames = sample_video_frames(data, plan.video_frames, num_frames)
-        as_decoded = _as_decoded(plan, pre, frames[0])
+        # a stream that changes size midway has its frames resized here, to one size
+        as_decoded = _as_decoded(plan, pre, frames[0]) and all(f.size == frames[0].size for f in frames)
         return np.stack([np.asarray(f) if as_decoded else pre.pixels(f) for f in frames])
     if modality == "audio" and plan.audio is not None:
         audio = plan.audio

@@ -264,6 +264,7 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
     images and video frames as the decode step sends them."""
     from PIL import Image
 
+    from curation.scoring import decode
     from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
     from curation.scoring.resample import horizontal_first
 
@@ -298,6 +299,12 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
         as_decoded = [decode_one(d, r["modality"], sent) for d, r in zip(data, rows)]
         assert sum(a.shape[-3:-1] != (cfg["size"],) * 2 for a in as_decoded) > len(rows) // 2
         assert np.array_equal(ImagePreprocessor(cfg).resized(as_decoded).numpy(), want)
+
+    # a clip whose frames change size midway is resized in its task, to one size
+    frames = [Image.fromarray(rng.integers(0, 256, (h, 40, 3), dtype=np.uint8)) for h in (30, 32)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "sample_video_frames", lambda *args: frames)
+        assert decode_one(b"", "video", sent).shape == (2, 64, 64, 3)
 
 
 def test_decode_tasks_import_no_model_library(sample_dir, labels, bootstrap_models, tmp_path):
