@@ -14,12 +14,12 @@ size and the model's actor resizes them here. Pillow's arithmetic is integer and
   order, on any device;
 * the passes run in Pillow's order: horizontal first, except (since Pillow 13) when the height shrinks by more
   than twice as many pixels as the width. The intermediate image is rounded to 8 bits between them, so the order
-  matters (a new rule in a later Pillow would fail the test below).
+  matters (a new rule in a later Pillow would fail the test that compares them).
 
-A test compares this with PIL's resize for random sizes in both orders and both filters, and for every image and
-video frame of the generated sample in every open_clip resize mode. Only the output rows and columns that the
-centre crop keeps are computed: each output pixel depends on its own weights alone, so cropping the weights is
-exact."""
+A test (tests/stages/test_score.py) compares this with PIL's resize for random sizes in both pass orders, both
+filters and every open_clip resize mode, and for the frames of the generated sample's first 60 clean images and
+clips at two model sizes. Only the output rows and columns that the centre crop keeps are computed: each output
+pixel depends on its own weights alone, so cropping the weights is exact."""
 
 from __future__ import annotations
 
