@@ -132,6 +132,19 @@ def _num_blocks(items: list[dict[str, Any]], media: bool) -> int:
     return min(len(items), max(MIN_TEXT_BLOCKS, -(-records // TEXT_BLOCK_RECORDS)))
 
 
+def _resizes_as_pillow() -> bool:
+    """Whether the actors can resize images to the installed Pillow's pixels (else the decode tasks resize them)."""
+    import PIL
+
+    from curation.scoring.resample import matches_pil
+
+    if matches_pil():
+        return True
+    log.warning("score: Pillow %s resizes differently from curation.scoring.resample; the decode tasks resize "
+                "images and video frames, not the GPU actors", PIL.__version__)  # fmt: skip
+    return False
+
+
 def _pool_kwargs(spec: ScoreConfig.Model, gpus: float, uses_gpu: bool = True, text: bool = False) -> dict[str, Any]:
     """Ray Data actor-pool arguments for one model: fractional CPUs always, a GPU share when the cluster has GPUs.
     A text scorer's actor takes whole blocks (whole shards) a call and splits them into model batches of
@@ -254,7 +267,7 @@ class ScoreStage(Stage):
         # actors' GPUs, and the CLIP tokens from the actors' cores (which pace their GPUs) to the tasks
         on_gpu = {cls.name for cls, _, kw in stages if "num_gpus" in kw}
         plan.audio_waves = "audio_text" in on_gpu
-        plan.pixels_as_decoded = "image_text" in on_gpu
+        plan.pixels_as_decoded = "image_text" in on_gpu and _resizes_as_pillow()
         used = {"image_text": "image_text" in media or "video_text" in media, "audio_text": "audio_text" in media,
                 "perplexity": "perplexity" in cfg.scorers, "language": "language" in cfg.scorers}  # fmt: skip
         log.info("score: models: %s", ", ".join(f"{k}={_describe(getattr(cfg, k))}" for k, on in used.items() if on)

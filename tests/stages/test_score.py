@@ -264,7 +264,7 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
     images and video frames as the decode step sends them."""
     from PIL import Image
 
-    from curation.scoring import decode
+    from curation.scoring import decode, resample
     from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
     from curation.scoring.resample import horizontal_first
 
@@ -288,6 +288,13 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
         for i, (g, r) in enumerate(zip(got, want)):
             assert np.array_equal(g, r), (cfg, i)
     assert orders == {True, False}  # both of Pillow's pass orders were taken
+    # the stage's check that the installed Pillow resizes this way, and that it notices a wrong pass order
+    assert resample.matches_pil()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(resample, "horizontal_first", lambda src, new: True)
+        resample.matches_pil.cache_clear()
+        assert not resample.matches_pil()
+    resample.matches_pil.cache_clear()
 
     rows = [r for r in labels if r["modality"] in ("image", "video") and r["defect"] is None][:60]
     for cfg in ({"size": 224}, {"size": 64}):  # the sample's images are enlarged and shrunk
