@@ -149,6 +149,10 @@ class ScoreConfig:
             ``None``: 0.5 on a cluster without GPUs, 1 with GPUs (a whole core each, so that the decode processes
             leave the GPU actors' cores alone).
         decode_batch_size: records per decode task call.
+        resize_on_gpu: with GPUs, the decode tasks send images and video frames unresized and the CLIP actors
+            resize them on their GPU, to the same pixels PIL gives in the tasks (fewer cores per image); ``false``
+            keeps the resize in the tasks, for a pipeline whose GPU rather than its cores is the bottleneck (a large
+            CLIP model). No effect without GPUs.
     """
 
     @dataclass
@@ -212,6 +216,7 @@ class ScoreConfig:
     embeddings: bool = True
     decode_num_cpus: float | None = None
     decode_batch_size: int = 32
+    resize_on_gpu: bool = True
 
     def validate(self) -> list[str]:
         problems = []

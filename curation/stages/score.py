@@ -267,7 +267,7 @@ class ScoreStage(Stage):
         # actors' GPUs, and the CLIP tokens from the actors' cores (which pace their GPUs) to the tasks
         on_gpu = {cls.name for cls, _, kw in stages if "num_gpus" in kw}
         plan.audio_waves = "audio_text" in on_gpu
-        plan.pixels_as_decoded = "image_text" in on_gpu and _resizes_as_pillow()
+        plan.pixels_as_decoded = cfg.resize_on_gpu and "image_text" in on_gpu and _resizes_as_pillow()
         used = {"image_text": "image_text" in media or "video_text" in media, "audio_text": "audio_text" in media,
                 "perplexity": "perplexity" in cfg.scorers, "language": "language" in cfg.scorers}  # fmt: skip
         log.info("score: models: %s", ", ".join(f"{k}={_describe(getattr(cfg, k))}" for k, on in used.items() if on)

@@ -710,6 +710,12 @@ def test_on_a_gpu_cluster_clip_tokens_and_clap_log_mels_leave_the_decode_tasks(s
         assert decode_plan.audio is not None and decode_plan.audio_waves is on_gpu
         assert decode_plan.pixels_as_decoded is on_gpu
         assert ("add_clip_tokens" in str(ds)) is on_gpu and "ClapSimilarityScorer" in str(ds)
+    # a GPU-bound pipeline keeps the resizes in the tasks
+    config = load_config(data={"name": "t", "stages": ["crawl", "score"], "score": {"resize_on_gpu": False}})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    stage = ScoreStage(StageContext(run_dir, config))
+    stage.dataset(config.score, stage.kept_records(columns=["modality"]))
+    assert plans[-1][0].audio_waves and not plans[-1][0].pixels_as_decoded
 
 
 @pytest.mark.slow
