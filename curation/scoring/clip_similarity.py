@@ -62,8 +62,7 @@ class ClipSimilarityScorer(MediaTextScorer):
         self.device, precision = resolve_device(spec, has_gpu)
         self.model, self.tokenizer, cfg = load_clip(spec, self.device, precision)
         self.dtype = input_dtype(precision)
-        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
-        self.preprocess = ImagePreprocessor(cfg)
+        self.preprocess = ImagePreprocessor(cfg)  # the geometry (for inputs not yet resized), mean and std
         self.batch_size = spec.batch_size
         self.drop_inputs = drop_inputs
 
@@ -75,11 +74,11 @@ class ClipSimilarityScorer(MediaTextScorer):
 
         from curation.scoring.decode import ImagePreprocessor, frame_runs
 
-        hw = self.preprocess.hw
+        pre = self.preprocess
         pixels = frame_runs(arrays)
-        if any(p.shape[1:3] != hw for p in pixels):
-            pixels = self.preprocess.resized(arrays, self.device)
-        x = ImagePreprocessor.to_tensor(pixels, self.mean, self.std, self.device, self.dtype)
+        if any(p.shape[1:3] != pre.hw for p in pixels):
+            pixels = pre.resized(arrays, self.device)
+        x = ImagePreprocessor.to_tensor(pixels, pre.mean, pre.std, self.device, self.dtype)
         with torch.inference_mode():
             emb = F.normalize(self.model.encode_image(x).float(), dim=-1)
         counts = torch.tensor([1 if a.ndim == 3 else a.shape[0] for a in arrays], device=emb.device)

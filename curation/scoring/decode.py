@@ -114,15 +114,21 @@ def _keep_ratio(hw: tuple[int, int], target: tuple[int, int], longest: bool) -> 
     return max(1, round(hw[0] / ratio)), max(1, round(hw[1] / ratio))
 
 
+def crop_offset(size: int, target: int) -> int:
+    """Where the centre crop (or pad) of an axis of ``size`` pixels to ``target`` starts: torchvision's crop offset
+    rounds half to even; a pad (negative) puts the odd pixel after."""
+    return -((target - size) // 2) if target > size else int(round((size - target) / 2.0))
+
+
 def _center_crop_or_pad(arr: np.ndarray, hw: tuple[int, int], fill: int) -> np.ndarray:
     """torchvision's ``center_crop`` (``fill`` 0) and open_clip's ``center_crop_or_pad``: pad an edge shorter than
-    the target (the odd pixel after), then take the centre, rounding the offset half to even as they do."""
+    the target, then take the centre (:func:`crop_offset`)."""
     (th, tw), (h, w) = hw, arr.shape[:2]
+    top, left = crop_offset(h, th), crop_offset(w, tw)
     if th > h or tw > w:
-        ph, pw = max(th - h, 0), max(tw - w, 0)
-        arr = np.pad(arr, ((ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)), constant_values=fill)
-        h, w = arr.shape[:2]
-    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+        pads = [(max(-o, 0), max(t - n + o, 0)) for o, t, n in ((top, th, h), (left, tw, w))]
+        arr = np.pad(arr, (*pads, (0, 0)), constant_values=fill)
+        top, left = max(top, 0), max(left, 0)
     return np.ascontiguousarray(arr[top : top + th, left : left + tw])
 
 

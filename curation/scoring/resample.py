@@ -63,12 +63,6 @@ def horizontal_first(src: tuple[int, int], new: tuple[int, int]) -> bool:
     return not (shrink_h > 0 and shrink_h > shrink_w * 2)
 
 
-def crop_offset(size: int, target: int) -> int:
-    """Where the model's centre crop (or pad) of an axis of ``size`` pixels to ``target`` starts, in resized pixels:
-    torchvision's crop offset rounds half to even; a pad (negative) puts the odd pixel after."""
-    return -((target - size) // 2) if target > size else int(round((size - target) / 2.0))
-
-
 def axis_weights(src, new, offset, target: int, width: int, bilinear: bool):
     """Pillow's fixed-point weights for one axis of ``n`` frames, as dense float64 matrices (n, target, width):
     frame ``i``'s axis resized from ``src[i]`` to ``new[i]`` pixels, of which output pixel ``p`` is resized pixel
@@ -207,6 +201,8 @@ def _round(sums):
 def _resize_chunk(flat, frames, news, out, where: list[int], target, key) -> None:
     """Resize a chunk of frames alike (``key``: Pillow's pass order, the filter, the pad's fill) into ``out``."""
     import torch
+
+    from curation.scoring.decode import crop_offset
 
     h_first, bilinear, fill = key
     dev = flat.device
