@@ -15,6 +15,13 @@ size and the model's actor resizes them here. Pillow's arithmetic is integer and
   dense product, every input pixel times every output pixel, took 6.5 times the arithmetic for the sample's first
   64 images at 224 pixels (30 against 4.6 GFLOP) and, on one CPU core, twice the time (35.6 against 17 ms an
   image);
+* float64 is slow on most GPUs (1/32 to 1/64 of float32 by NVIDIA's own figures, on all but its HPC parts), so
+  there the weights are split in two, ``k = 256 * hi + lo`` with ``|lo| < 256``, and each half's products are
+  integers whose sums float32 holds exactly (below 2**24) in any order: for ``lo`` at most ``255 * 255 * 257``;
+  for ``hi`` 255 times the absolute sum of a pixel's weights over 2**8, which is at most 1.27 * 2**14 (the largest
+  for every size of 1 to 400 pixels resized to 7 to 300: a third of the limit). That needs IEEE float32 products
+  (not TF32) and blocks that read at most 257 input pixels (shrinks by up to about 7); otherwise, and on CPUs,
+  the products are float64 (on one core two float32 products took 20.8 against 17.5 ms an image of the sample);
 * the passes run in Pillow's order: horizontal first, except (since Pillow 13) when the height shrinks by more
   than twice as many pixels as the width. The intermediate image is rounded to 8 bits between them, so the order
   matters (a new rule in a later Pillow would fail the test that compares them).
@@ -38,6 +45,8 @@ _HALF = float(1 << (PRECISION_BITS - 1))
 _ONE = float(1 << PRECISION_BITS)
 MAX_CHUNK_PIXELS = 1 << 24  # source pixels (padded) resized in one go: bounds each float64 buffer to ~500 MB
 BLOCK = 32  # output pixels a matrix product computes: each reads about ``BLOCK * scale + taps`` input pixels
+FLOAT32_MAX_SPAN = 257  # input pixels a block may read for float32 products: 255 * 255 * 257 < 2**24
+FLOAT32_DEVICES = ("cuda",)  # device types whose products run as two float32 ones
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 
@@ -133,19 +142,50 @@ def _first_pass(flat, frames, bands, starts, along_width: bool):
         read = torch.minimum(reads, hs - 1) * ws * 3
         other = base + torch.minimum(other, ws - 1) * 3
     other = (other[:, None, :] + torch.arange(3, device=dev)[None, :, None]).view(n, 1, -1)
-    runs = flat[read[:, :, None] + other].view(n, blocks, span, -1).double()  # (n, blocks, span, 3 * other)
-    return (bands @ runs).view(n, blocks * block * 3, -1)
+    runs = flat[read[:, :, None] + other].view(n, blocks, span, -1)  # (n, blocks, span, 3 * other)
+    return _products(bands, runs, left=True).view(n, blocks * block * 3, -1)
 
 
 def _second_pass(x, bands, starts):
-    """The second pass along the last axis of ``x`` (n, rows, width), float64: the sums (n, blocks, rows, block)."""
+    """The second pass along the last axis of ``x`` (n, rows, width), pixel values: the sums (n, blocks, rows,
+    block), float64."""
     import torch
 
     n, rows, width = x.shape
     _, blocks, block, span = bands.shape
     idx = (starts[..., None] + torch.arange(span, device=x.device)).clamp_max(width - 1)  # (n, blocks, span)
     runs = x[:, None].expand(n, blocks, rows, width).gather(3, idx[:, :, None].expand(n, blocks, rows, span))
-    return runs @ bands.transpose(-1, -2)
+    return _products(bands, runs, left=False)
+
+
+def _products(bands, runs, left: bool):
+    """``bands @ runs`` (``left``) or ``runs @ bands.mT``, blockwise: the exact fixed-point sums, float64. In two
+    float32 products, one a half of the weights, where that is exact (see the module's notes), else in float64."""
+    import torch
+
+    if not _float32_exact(bands):
+        runs = runs.double()
+        return bands @ runs if left else runs @ bands.mT
+    hi = torch.trunc(bands / 256.0)
+    runs = runs.float()
+    sums = None
+    for scale, part in ((256.0, hi), (1.0, bands - hi * 256.0)):
+        part = part.float()
+        out = (part @ runs if left else runs @ part.mT).double()
+        sums = out.mul_(scale) if sums is None else sums.add_(out)
+    return sums
+
+
+def _float32_exact(bands) -> bool:
+    """Whether :func:`_products` runs as two float32 products: on :data:`FLOAT32_DEVICES`, blocks reading at most
+    :data:`FLOAT32_MAX_SPAN` input pixels, float32 products at IEEE precision."""
+    import torch
+
+    return (
+        bands.device.type in FLOAT32_DEVICES
+        and bands.shape[-1] <= FLOAT32_MAX_SPAN
+        and torch.get_float32_matmul_precision() == "highest"
+    )
 
 
 @lru_cache(maxsize=1)

@@ -256,12 +256,29 @@ def test_image_geometry_equals_open_clips_transform_pixel_for_pixel(resize_mode)
                 assert np.array_equal(got, np.asarray(ref)), (interpolation, size, (w, h))
 
 
+def random_frames(pre, rng, n: int = 24) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` images and two-frame videos of random sizes (one at the model's size, one a steep shrink), noise or
+    edges and gradients (the filter's overshoot); and each frame as a decode task resizes it with PIL."""
+    from PIL import Image
+
+    arrays, want = [], []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(1, 160, 2)) if i > 1 else [pre.hw, (30, 900)][i]
+        smooth = np.cumsum(rng.integers(-12, 13, (h, w, 3)), 1) + 128
+        a = np.clip(smooth, 0, 255).astype(np.uint8) if i % 2 else rng.integers(0, 256, (h, w, 3), np.uint8)
+        a = np.stack([a, a[::-1, ::-1]]) if i % 5 == 4 else a
+        arrays.append(a)
+        want += [pre.pixels(Image.fromarray(f)) for f in (a if a.ndim == 4 else [a])]
+    return arrays, want
+
+
 @pytest.mark.quick
 def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir, labels):
     """What a GPU actor does to images and frames sent at their decoded size (``resized``, in torch) against what a
     decode task does with PIL (``pixels``): random sizes shrunk and enlarged, Pillow's two pass orders, both
-    interpolations, every resize mode with a pad colour, videos, frames already at the size; and the sample's own
-    images and video frames as the decode step sends them."""
+    interpolations, every resize mode with a pad colour, videos, frames already at the size, with the products in
+    float64 (as on a CPU) and in float32 halves (as on a GPU, with float64 where a shrink is too steep for them);
+    and the sample's own images and video frames as the decode step sends them."""
     from PIL import Image
 
     from curation.scoring import decode, resample
@@ -269,25 +286,29 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
     from curation.scoring.resample import horizontal_first
 
     rng = np.random.default_rng(1)
-    orders = set()
+    orders, float32 = set(), set()  # Pillow's pass orders taken; (float32 devices, products in float32) seen
+    exact = resample._float32_exact
+
+    def spy(bands):
+        float32.add((resample.FLOAT32_DEVICES, exact(bands)))
+        return exact(bands)
+
     cfgs = [{"size": 48}, {"size": 48, "interpolation": "bilinear"}, {"size": (40, 56)},
             {"size": 48, "resize_mode": "longest", "fill_color": 127}, {"size": (56, 40), "resize_mode": "squash"}]  # fmt: skip
-    for cfg in cfgs:
-        pre = ImagePreprocessor(cfg)
-        arrays, want = [], []
-        for i in range(24):
-            h, w = (int(v) for v in rng.integers(1, 160, 2)) if i else pre.hw
-            orders.add(horizontal_first((h, w), pre.geometry(h, w)[0]))
-            smooth = np.cumsum(rng.integers(-12, 13, (h, w, 3)), 1) + 128  # edges and gradients: the filter's overshoot
-            a = np.clip(smooth, 0, 255).astype(np.uint8) if i % 2 else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            a = np.stack([a, a[::-1, ::-1]]) if i % 5 == 4 else a  # a video of two frames
-            arrays.append(a)
-            want += [pre.pixels(Image.fromarray(f)) for f in (a if a.ndim == 4 else [a])]
-        got = pre.resized(arrays).numpy()
-        assert got.shape == (len(want), *pre.hw, 3)
-        for i, (g, r) in enumerate(zip(got, want)):
-            assert np.array_equal(g, r), (cfg, i)
+    for devices in ((), ("cpu",)):  # float64 products, then float32 ones
+        for cfg in cfgs:
+            pre = ImagePreprocessor(cfg)
+            arrays, want = random_frames(pre, rng)
+            orders |= {horizontal_first(a.shape[-3:-1], pre.geometry(*a.shape[-3:-1])[0]) for a in arrays}
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(resample, "FLOAT32_DEVICES", devices)
+                mp.setattr(resample, "_float32_exact", spy)
+                got = pre.resized(arrays).numpy()
+            assert got.shape == (len(want), *pre.hw, 3)
+            for i, (g, r) in enumerate(zip(got, want)):
+                assert np.array_equal(g, r), (devices, cfg, i)
     assert orders == {True, False}  # both of Pillow's pass orders were taken
+    assert float32 == {((), False), (("cpu",), True), (("cpu",), False)}  # float32, and float64 for steep shrinks
     # the stage's check that the installed Pillow resizes this way, and that it notices a wrong pass order
     assert resample.matches_pil()
     with pytest.MonkeyPatch.context() as mp:
@@ -613,13 +634,14 @@ def test_text_only_runs_read_shards_in_large_blocks_but_enough_to_overlap():
 
 @pytest.mark.gpu
 def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
-    """On a GPU each model scorer runs in fp16, its inputs in the model's input dtype, and gives the CPU's scores."""
+    """On a GPU each model scorer runs in fp16, its inputs in the model's input dtype, and gives the CPU's scores;
+    the CLIP actor's resize of images sent at their decoded size gives PIL's pixels there."""
     import torch
 
     from curation.models.hf import load_clap_feature_extractor
     from curation.scoring.clap_similarity import ClapSimilarityScorer
     from curation.scoring.clip_similarity import ClipSimilarityScorer
-    from curation.scoring.decode import AudioFeatures, DecodePlan, decode_one
+    from curation.scoring.decode import AudioFeatures, DecodePlan, ImagePreprocessor, decode_one
     from curation.scoring.perplexity import PerplexityScorer
 
     spec = ScoreConfig.Model()
@@ -646,6 +668,11 @@ def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
     assert pixels.device.type == "cuda"
     assert np.array_equal(pixels.cpu().numpy(), np.concatenate([a.reshape(-1, *a.shape[-3:]) for a in mixed[0]]))
     assert np.allclose(gpu.score(unresized, mixed[1])[0], gpu.score(*mixed)[0], atol=1e-5)
+    rng = np.random.default_rng(2)  # random sizes, shrunk and enlarged, with float32 products on the GPU
+    for cfg in ({"size": 48}, {"size": 48, "interpolation": "bilinear"}, {"size": (56, 40), "resize_mode": "squash"}):
+        pre = ImagePreprocessor(cfg)
+        arrays, want = random_frames(pre, rng)
+        assert np.array_equal(pre.resized(arrays, "cuda").cpu().numpy(), np.stack(want)), cfg
 
     cpu_clap, gpu_clap = ClapSimilarityScorer(spec), ClapSimilarityScorer(spec, has_gpu=True)
     assert gpu_clap.dtype == torch.float16
