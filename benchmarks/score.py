@@ -319,15 +319,17 @@ def decode_rate(
 
 
 def resize_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, n: int,
-                device: str = "cuda") -> float | None:  # fmt: skip
+                device: str = "cuda") -> dict[str, float] | None:  # fmt: skip
     """Records/s of the CLIP actor's resize on ``device`` of images and frames sent at their decoded size (what a
-    GPU stage adds to the actor's GPU work), in batches of ``n``; ``None`` for the other scorers. Each record is
+    GPU stage adds to the actor's GPU work), in batches of ``n``, as the actor runs it (``float32``: products in
+    float32 halves where exact) and with every product in float64; ``None`` for the other scorers. Each record is
     copied to the device on its own, where the actor copies a batch's adjacent rows at once."""
     if scorer not in ("image_text", "video_text"):
         return None
     import torch
 
     from curation.models.clip import clip_preprocess_cfg, resolve_clip
+    from curation.scoring import resample
     from curation.scoring.decode import DecodePlan, ImagePreprocessor, decode_one
 
     cfg = clip_preprocess_cfg(resolve_clip(spec))
@@ -341,7 +343,13 @@ def resize_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, vi
             pre.resized(arrays[i : i + n], device)
         sync()
 
-    return bare_rate(run, len(rows))
+    rates = {"float32": bare_rate(run, len(rows))}
+    kept, resample.FLOAT32_DEVICES = resample.FLOAT32_DEVICES, ()
+    try:
+        rates["float64"] = bare_rate(run, len(rows))
+    finally:
+        resample.FLOAT32_DEVICES = kept
+    return rates
 
 
 def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
@@ -515,7 +523,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
                "bound_rps": _median(pairs, "bound"),
                "ratio": _median(pairs, "ratio", 2), "ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)],
                "of_bound": _median(pairs, "of_bound", 2),
-               "gpu_resize_rps": None if resize is None else round(resize, 1)}  # fmt: skip
+               "gpu_resize_rps": None if resize is None else {k: round(v, 1) for k, v in resize.items()}}  # fmt: skip
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -604,7 +612,9 @@ def _print_table(results: dict[str, Any]) -> None:
     resized = [r for r in results["throughput"] if r.get("gpu_resize_rps")]
     if resized:
         print("GPU resize of images and frames sent at their decoded size (the CLIP actor's added GPU work), "
-              "records/s: " + ", ".join(f"{r['scorer']} {r['gpu_resize_rps']}" for r in resized))  # fmt: skip
+              "records/s, as the actor runs it (float32 products) and in float64: "
+              + ", ".join(f"{r['scorer']} {r['gpu_resize_rps']['float32']} and {r['gpu_resize_rps']['float64']}"
+                          for r in resized))  # fmt: skip
     if results["memory"]:
         print(
             "\nscore stage, all scorers, peak memory of driver + Ray processes (PSS; summed RSS double-counts shared)"
