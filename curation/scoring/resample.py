@@ -133,7 +133,7 @@ def _first_pass(flat, frames, bands, starts, along_width: bool):
     dev = flat.device
     n, blocks, block, span = bands.shape
     base, hs, ws = (torch.tensor(v, device=dev)[:, None] for v in zip(*frames))
-    other = torch.arange(int((hs if along_width else ws).max()), device=dev)
+    other = torch.arange(max(f[1] if along_width else f[2] for f in frames), device=dev)
     reads = (starts[..., None] + torch.arange(span, device=dev)).view(n, -1)  # the input pixels each block reads
     if along_width:  # byte offsets: of each read pixel, and of each channel of the other axis' pixels
         read = torch.minimum(reads, ws - 1) * 3
@@ -147,8 +147,8 @@ def _first_pass(flat, frames, bands, starts, along_width: bool):
 
 
 def _second_pass(x, bands, starts):
-    """The second pass along the last axis of ``x`` (n, rows, width), pixel values: the sums (n, blocks, rows,
-    block), float64."""
+    """The second pass along the last axis of ``x`` (n, rows, width), uint8: the sums (n, blocks, rows, block),
+    float64."""
     import torch
 
     n, rows, width = x.shape
@@ -293,9 +293,10 @@ def _resize_chunk(flat, frames, news, out, where: list[int], target, key) -> Non
     (wy, wx), (ys, xs) = bands.split(n), starts.split(n)
     rows, cols = inside[:n, : target[0]], inside[n:, : target[1]]
     (w1, s1), (w2, s2) = ((wx, xs), (wy, ys)) if h_first else ((wy, ys), (wx, xs))
-    y = _round(_second_pass(_round(_first_pass(flat, frames, w1, s1, along_width=h_first)), w2, s2))
+    y = _round(_first_pass(flat, frames, w1, s1, along_width=h_first)).to(torch.uint8)  # 8 bits, as in Pillow
+    y = _round(_second_pass(y, w2, s2)).to(torch.uint8)
     blocks, block = y.shape[1], y.shape[3]  # (n, second pass blocks, first pass output pixels x 3, block)
-    y = y.to(torch.uint8).view(n, blocks, -1, 3, block)
+    y = y.view(n, blocks, -1, 3, block)
     if h_first:  # the second pass gave the rows
         y = y.permute(0, 1, 4, 2, 3).reshape(n, blocks * block, -1, 3)
     else:
