@@ -178,14 +178,16 @@ def _products(bands, runs, left: bool):
 
 def _float32_exact(bands) -> bool:
     """Whether :func:`_products` runs as two float32 products: on :data:`FLOAT32_DEVICES`, blocks reading at most
-    :data:`FLOAT32_MAX_SPAN` input pixels, float32 products at IEEE precision."""
+    :data:`FLOAT32_MAX_SPAN` input pixels, and the device's float32 products at IEEE precision (``none``, the
+    default, or ``ieee``; not ``tf32`` or ``bf16``, which round the inputs). The backend's own setting is read:
+    ``torch.get_float32_matmul_precision()`` raises where a process set it through both of torch's APIs."""
     import torch
 
-    return (
-        bands.device.type in FLOAT32_DEVICES
-        and bands.shape[-1] <= FLOAT32_MAX_SPAN
-        and torch.get_float32_matmul_precision() == "highest"
-    )
+    device = bands.device.type
+    if device not in FLOAT32_DEVICES or bands.shape[-1] > FLOAT32_MAX_SPAN:
+        return False
+    backend = torch.backends.cuda.matmul if device == "cuda" else torch.backends.mkldnn.matmul
+    return backend.fp32_precision in ("none", "ieee")
 
 
 @lru_cache(maxsize=1)

@@ -279,6 +279,7 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
     interpolations, every resize mode with a pad colour, videos, frames already at the size, with the products in
     float64 (as on a CPU) and in float32 halves (as on a GPU, with float64 where a shrink is too steep for them);
     and the sample's own images and video frames as the decode step sends them."""
+    import torch
     from PIL import Image
 
     from curation.scoring import decode, resample
@@ -309,6 +310,15 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
                 assert np.array_equal(g, r), (devices, cfg, i)
     assert orders == {True, False}  # both of Pillow's pass orders were taken
     assert float32 == {((), False), (("cpu",), True), (("cpu",), False)}  # float32, and float64 for steep shrinks
+    bands, matmul = torch.zeros((1, 1, 32, 40), dtype=torch.float64), torch.backends.mkldnn.matmul
+    with pytest.MonkeyPatch.context() as mp:  # no float32 halves where the products round their inputs
+        mp.setattr(resample, "FLOAT32_DEVICES", ("cpu",))
+        assert resample._float32_exact(bands)
+        kept, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+        try:
+            assert not resample._float32_exact(bands)
+        finally:
+            matmul.fp32_precision = kept
     # the stage's check that the installed Pillow resizes this way, and that it notices a wrong pass order
     assert resample.matches_pil()
     with pytest.MonkeyPatch.context() as mp:
