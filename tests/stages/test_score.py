@@ -25,6 +25,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.quick
+def test_decoded_inputs_column_holds_each_arrays_bytes():
+    """The decode step's ``inputs`` column, built from the arrays in one copy: the same column as from each array's
+    bytes, with nulls, float32 audio, an empty array and a non-contiguous view; and readable back in place."""
+    from curation.scoring.decode import binary_column, input_array, row_inputs
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (3, 4, 3), np.uint8), None, rng.random((1, 5, 7)).astype(np.float32),
+              np.zeros(0, np.uint8), None, rng.integers(0, 256, (2, 2, 2, 3), np.uint8)[:, ::-1]]  # fmt: skip
+    column = binary_column(arrays)
+    column.validate(full=True)
+    assert column.equals(pa.array([None if a is None else a.tobytes() for a in arrays], pa.large_binary()))
+    assert binary_column([None, None]).null_count == 2 and len(binary_column([])) == 0
+    batch = pa.table({"inputs": column})
+    cols = {"input_shape": [None if a is None else list(a.shape) for a in arrays],
+            "modality": ["image", None, "audio", "image", None, "video"]}  # fmt: skip
+    back = row_inputs(batch, cols, [0, 2, 3, 5])
+    assert all(np.array_equal(b, arrays[i]) for b, i in zip(back, [0, 2, 3, 5]))
+    assert np.array_equal(input_array(column[5].as_buffer(), [2, 2, 2, 3], "video"), arrays[5])
+
+
+@pytest.mark.quick
 def test_decoders_sample_frames_resample_audio_and_reject_garbage(sample_dir, labels):
     from curation.scoring.decode import DecodeError, decode_audio, open_image, sample_video_frames
 
