@@ -43,7 +43,7 @@ import PIL
 PRECISION_BITS = 22  # Pillow: 32 - 8 bits of result - 2 bits of headroom
 _HALF = float(1 << (PRECISION_BITS - 1))
 _ONE = float(1 << PRECISION_BITS)
-MAX_CHUNK_PIXELS = 1 << 24  # source pixels (padded) resized in one go: bounds each float64 buffer to ~500 MB
+MAX_CHUNK_PIXELS = 1 << 24  # source pixels (padded) resized in one go: its largest buffer ~500 MB, by arithmetic
 BLOCK = 32  # output pixels a matrix product computes: each reads about ``BLOCK * scale + taps`` input pixels
 FLOAT32_MAX_SPAN = 257  # input pixels a block may read for float32 products: 255 * 255 * 257 < 2**24
 FLOAT32_DEVICES = ("cuda",)  # device types whose products run as two float32 ones

@@ -312,8 +312,9 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
     exact = resample._float32_exact
 
     def spy(bands):
-        float32.add((resample.FLOAT32_DEVICES, exact(bands)))
-        return exact(bands)
+        used = exact(bands)
+        float32.add((resample.FLOAT32_DEVICES, used))
+        return used
 
     cfgs = [{"size": 48}, {"size": 48, "interpolation": "bilinear"}, {"size": (40, 56)},
             {"size": 48, "resize_mode": "longest", "fill_color": 127}, {"size": (56, 40), "resize_mode": "squash"}]  # fmt: skip
