@@ -88,16 +88,15 @@ class ImagePreprocessor:
     @staticmethod
     def to_tensor(pixels, mean, std, device="cpu", dtype=None):
         """uint8 (N, H, W, 3) -> normalised float tensor (N, 3, H, W), computed on ``device``. ``pixels`` may be a
-        list of such arrays (as :func:`frame_runs` gives them): each is copied to ``device`` as it is and joined
-        there, so the host makes no joined copy."""
+        tensor, or a list of such arrays (as :func:`frame_runs` gives them), copied to ``device`` by
+        :func:`device_bytes`."""
         import torch
 
-        parts = []
-        with warnings.catch_warnings():  # views into Arrow memory are read-only; torch only reads them here
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            for p in pixels if isinstance(pixels, (list, tuple)) else [pixels]:
-                parts.append(torch.as_tensor(p, device=device))
-        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if isinstance(pixels, torch.Tensor):
+            x = pixels.to(device)
+        else:
+            parts = list(pixels) if isinstance(pixels, (list, tuple)) else [pixels]
+            x = device_bytes(parts, device).view(-1, *parts[0].shape[1:])
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         s = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -633,6 +632,57 @@ def frame_runs(arrays: list[np.ndarray]) -> list[np.ndarray]:
         end = at + f.nbytes
     runs.extend(_joined(group))
     return runs
+
+
+_STAGING: dict[Any, tuple[Any, Any]] = {}  # CUDA device -> (pinned host buffer, event: its last copy is done)
+
+
+def device_bytes(parts: list[np.ndarray], device: Any = "cpu"):
+    """The bytes of ``parts`` (uint8 arrays, any shape), back to back, as one flat uint8 tensor on ``device``.
+
+    To a CUDA device they go through one pinned host buffer, reused by the next call, in one copy the host does
+    not wait for. Copied from Arrow's (pageable) memory, the driver stages each copy itself and the host waits for
+    it: the 29 copies of one batch of 256 of the sample's images sent as decoded held the CLIP actor 7.8 ms of its
+    30 ms resize on an H100. Where pinned memory cannot be had, the copies are pageable as before. On the CPU a
+    single part comes back as a read-only view of its memory, without a copy."""
+    import torch
+
+    total = sum(p.nbytes for p in parts)
+    if len(parts) == 1 and torch.device(device).type == "cpu":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(np.ascontiguousarray(parts[0]).reshape(-1))
+    out = torch.empty(total, dtype=torch.uint8, device=device)
+    host = _pinned(out.device, total) if out.device.type == "cuda" else None
+    target = host[:total] if host is not None else out
+    with warnings.catch_warnings():  # views into Arrow memory are read-only; torch only reads them here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        at = 0
+        for p in parts:
+            target[at : at + p.nbytes].copy_(torch.from_numpy(p.reshape(-1)))
+            at += p.nbytes
+    if host is not None:
+        out.copy_(target, non_blocking=True)
+        _STAGING[out.device][1].record()
+    return out
+
+
+def _pinned(device: Any, size: int):
+    """This process's pinned buffer for copies to ``device``, of at least ``size`` bytes, once the last copy out of
+    it is done; ``None`` where pinned memory cannot be had (a locked-memory limit)."""
+    import torch
+
+    buf, done = _STAGING.get(device, (None, None))
+    if done is not None:
+        done.synchronize()
+    if buf is None or buf.numel() < size:
+        try:
+            buf = torch.empty(max(size, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.uint8,
+                              pin_memory=True)  # fmt: skip
+        except RuntimeError:
+            return None
+        _STAGING[device] = (buf, torch.cuda.Event())
+    return buf
 
 
 def _joined(group: list[np.ndarray]) -> list[np.ndarray]:

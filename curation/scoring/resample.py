@@ -20,8 +20,10 @@ size and the model's actor resizes them here. Pillow's arithmetic is integer and
   integers whose sums float32 holds exactly (below 2**24) in any order: for ``lo`` at most ``255 * 255 * 257``;
   for ``hi`` 255 times the absolute sum of a pixel's weights over 2**8, which is at most 1.27 * 2**14 (the largest
   over 15,857 pairs of sizes from 1 to 4,000 pixels: a third of the limit). That needs IEEE float32 products
-  (not TF32) and blocks that read at most 257 input pixels (shrinks by up to about 7); otherwise, and on CPUs,
-  the products are float64 (on one core two float32 products took 20.8 against 17.5 ms an image of the sample);
+  (not TF32) and blocks that read at most 257 input pixels (shrinks by up to about 7); otherwise the products
+  are float64. So are they on CPUs (on one core two float32 products took 20.8 against 17.5 ms an image of the
+  sample) and on NVIDIA's HPC parts, whose float64 runs at half float32's rate (on an H100 the halves were no
+  faster, see :func:`_float32_exact`);
 * the passes run in Pillow's order: horizontal first, except (since Pillow 13) when the height shrinks by more
   than twice as many pixels as the width. The intermediate image is rounded to 8 bits between them, so the order
   matters (a new rule in a later Pillow would fail the test that compares them).
@@ -33,7 +35,7 @@ pixel depends on its own weights alone, so cropping the weights is exact."""
 
 from __future__ import annotations
 
-import warnings
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -46,7 +48,9 @@ _ONE = float(1 << PRECISION_BITS)
 MAX_CHUNK_PIXELS = 1 << 24  # source pixels (padded) resized in one go: its largest buffer ~500 MB, by arithmetic
 BLOCK = 32  # output pixels a matrix product computes: each reads about ``BLOCK * scale + taps`` input pixels
 FLOAT32_MAX_SPAN = 257  # input pixels a block may read for float32 products: 255 * 255 * 257 < 2**24
-FLOAT32_DEVICES = ("cuda",)  # device types whose products run as two float32 ones
+FLOAT32_DEVICES = ("cuda",)  # device types whose products run as two float32 ones (but see FAST_FLOAT64_GPUS)
+# CUDA compute capabilities with float64 at half float32's rate (P100, V100, A100, H100/H200, B200): float64 there
+FAST_FLOAT64_GPUS = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 
@@ -76,22 +80,24 @@ def horizontal_first(src: tuple[int, int], new: tuple[int, int]) -> bool:
     return not (shrink_h > 0 and shrink_h > shrink_w * 2)
 
 
-def axis_weights(src, new, offset, target: int, bilinear: bool, block: int = BLOCK):
+def axis_weights(src, new, offset, target: int, bilinear: bool, device: Any = "cpu", block: int = BLOCK):
     """Pillow's fixed-point weights for one axis of ``n`` frames: frame ``i``'s axis resized from ``src[i]`` to
     ``new[i]`` pixels, of which output pixel ``p`` is resized pixel ``p + offset[i]`` (the centre crop or pad).
-    ``src``, ``new`` and ``offset`` are int64 tensors (n,) on the device.
+    ``src``, ``new`` and ``offset`` are sequences of ints (n,); the weights are made on ``device``.
 
     Each output pixel reads a few input pixels (its taps), and consecutive output pixels read overlapping runs of
     them, so the weights come in blocks of ``block`` output pixels: ``bands`` (n, blocks, block, span) float64,
     the weights of block ``b``'s pixels over input pixels ``starts[:, b]`` to ``starts[:, b] + span`` (zero past a
     frame's last pixel), so that a pass multiplies only the input pixels a block reads. Also returns ``starts``
     (n, blocks) and which output pixels lie inside the resized image (n, target): those of a pad get no weights and
-    come out 0."""
+    come out 0. The tensors' sizes are worked out on the host (:func:`_extent`): no step waits for the device."""
     import torch
 
-    dev = src.device
-    n = src.shape[0]
+    dev = device
+    n = len(src)
     fn, support = (_bilinear, 1.0) if bilinear else (_bicubic, 2.0)
+    ksize, span = _extent(src, new, support, block)
+    src, new, offset = (torch.tensor(v, device=dev) for v in (src, new, offset))
     blocks = -(-target // block)
     j = torch.arange(blocks * block, device=dev)[None] + offset[:, None]  # whole blocks: those past target get 0
     inside = (j >= 0) & (j < new[:, None])
@@ -100,7 +106,6 @@ def axis_weights(src, new, offset, target: int, bilinear: bool, block: int = BLO
     scale = (src.double() / new.double())[:, None]  # Pillow divides the (float32) box width: exact for real widths
     filterscale = scale.clamp_min(1.0)
     support = support * filterscale
-    ksize = int(torch.ceil(support).max()) * 2 + 1  # the widest frame's; the others' extra taps get no weight
     center = (j + 0.5) * scale
     first = torch.trunc(center - support + 0.5).clamp_min(0.0)
     count = torch.minimum(torch.trunc(center + support + 0.5), src.double()[:, None]) - first
@@ -115,11 +120,27 @@ def axis_weights(src, new, offset, target: int, bilinear: bool, block: int = BLO
     k = torch.where(inside[..., None], k, 0.0).view(n, blocks, block, ksize)
     first = first.long().view(n, blocks, block)
     starts = first[..., 0]  # ``first`` grows with the output pixel, and so does ``first + count``
-    span = int(((first[..., -1] + count.long().view(n, blocks, block)[..., -1]) - starts).max())
     cols = (first - starts[..., None])[..., None] + taps.long()  # past a pixel's last tap the weight is 0
     bands = torch.zeros((n, blocks, block, span), dtype=torch.float64, device=dev)
     bands.scatter_add_(3, cols.clamp_max(span - 1), k)
     return bands, starts, inside[:, :target]
+
+
+def _extent(src, new, support: float, block: int) -> tuple[int, int]:
+    """(taps, span) of :func:`axis_weights` for frames resized from ``src`` to ``new`` pixels, on the host: the
+    widest frame's taps (Pillow's ``ksize``; the others' extra taps get no weight), and a bound on the input pixels
+    a block of ``block`` output pixels reads. Block pixel ``j`` reads input pixels ``trunc(c_j - s + 0.5)`` up to
+    ``trunc(c_j + s + 0.5)`` (exclusive, clipped to the frame), ``c_j = (j + 0.5) * scale`` and ``s`` the
+    filter's support times ``max(scale, 1)``; across a block that is fewer than ``(block - 1) * scale + 2 * s + 1``
+    pixels, since ``trunc(a) - trunc(b) < a - b + 1``. One more covers the float arithmetic's rounding. A wider
+    band only adds input pixels of weight 0."""
+    ksize = span = 1
+    for s_, n_ in zip(src, new):
+        scale = s_ / n_  # as the device computes it: float64 division
+        reach = support * max(scale, 1.0)
+        ksize = max(ksize, int(math.ceil(reach)) * 2 + 1)
+        span = max(span, min(s_, int(math.floor((block - 1) * scale + 2 * reach + 1)) + 1))
+    return ksize, span
 
 
 def _first_pass(flat, frames, bands, starts, along_width: bool):
@@ -177,14 +198,21 @@ def _products(bands, runs, left: bool):
 
 
 def _float32_exact(bands) -> bool:
-    """Whether :func:`_products` runs as two float32 products: on :data:`FLOAT32_DEVICES`, blocks reading at most
-    :data:`FLOAT32_MAX_SPAN` input pixels, and the device's float32 products at IEEE precision (``none``, the
-    default, or ``ieee``; not ``tf32`` or ``bf16``, which round the inputs). The backend's own setting is read:
-    ``torch.get_float32_matmul_precision()`` raises where a process set it through both of torch's APIs."""
+    """Whether :func:`_products` runs as two float32 products: on :data:`FLOAT32_DEVICES` other than the GPUs of
+    :data:`FAST_FLOAT64_GPUS`, blocks reading at most :data:`FLOAT32_MAX_SPAN` input pixels, and the device's
+    float32 products at IEEE precision (``none``, the default, or ``ieee``; not ``tf32`` or ``bf16``, which round
+    the inputs). The backend's own setting is read: ``torch.get_float32_matmul_precision()`` raises where a process
+    set it through both of torch's APIs.
+
+    On an H100 the halves gained nothing: the benchmark's images resized at 7,071 against 7,707 records/s in
+    float64, and its clips, in batches of 32, at 116 against 2,861 (not explained yet; batches of 256 clips ran at
+    4,917 with the halves)."""
     import torch
 
     device = bands.device.type
     if device not in FLOAT32_DEVICES or bands.shape[-1] > FLOAT32_MAX_SPAN:
+        return False
+    if device == "cuda" and torch.cuda.get_device_capability(bands.device) in FAST_FLOAT64_GPUS:
         return False
     backend = torch.backends.cuda.matmul if device == "cuda" else torch.backends.mkldnn.matmul
     return backend.fp32_precision in ("none", "ieee")
@@ -219,16 +247,9 @@ def resize_batch(arrays: list[np.ndarray], geometry, target: tuple[int, int], de
     are (that is what the model's preprocessing does to them)."""
     import torch
 
-    from curation.scoring.decode import frame_runs
+    from curation.scoring.decode import device_bytes, frame_runs
 
-    runs = frame_runs([a.reshape(-1, 1) for a in arrays])  # each array's bytes; back-to-back ones joined
-    flat = torch.empty(sum(r.shape[0] for r in runs), dtype=torch.uint8, device=device)
-    at = 0
-    with warnings.catch_warnings():  # views into Arrow memory are read-only; torch only reads them here
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        for run in runs:  # one host-to-device copy a run of rows that lie back to back in Arrow memory
-            flat[at : at + run.shape[0]].copy_(torch.from_numpy(run.reshape(-1)))
-            at += run.shape[0]
+    flat = device_bytes(frame_runs([a.reshape(-1, 1) for a in arrays]), device)  # back-to-back rows: one part
     frames: list[tuple[int, int, int]] = []  # (byte offset in the device buffer, h, w) of every frame
     at = 0
     for a in arrays:
@@ -291,7 +312,7 @@ def _resize_chunk(flat, frames, news, out, where: list[int], target, key) -> Non
     src = [f[1] for f in frames] + [f[2] for f in frames]
     new = [v[0] for v in news] + [v[1] for v in news]
     offsets = [crop_offset(v, t) for v, t in zip(new, [target[0]] * n + [target[1]] * n)]
-    bands, starts, inside = axis_weights(*(torch.tensor(v, device=dev) for v in (src, new, offsets)), size, bilinear)
+    bands, starts, inside = axis_weights(src, new, offsets, size, bilinear, dev)
     (wy, wx), (ys, xs) = bands.split(n), starts.split(n)
     rows, cols = inside[:n, : target[0]], inside[n:, : target[1]]
     (w1, s1), (w2, s2) = ((wx, xs), (wy, ys)) if h_first else ((wy, ys), (wx, xs))

@@ -46,6 +46,25 @@ def test_decoded_inputs_column_holds_each_arrays_bytes():
 
 
 @pytest.mark.quick
+def test_device_bytes_joins_parts_in_order_and_views_a_single_part_on_the_cpu():
+    """What the actors copy to their device: every part's bytes back to back, a non-contiguous view's too; on the
+    CPU one part is read in place (no copy)."""
+    import torch
+
+    from curation.scoring.decode import device_bytes
+
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 256, (2, 3, 3), np.uint8), rng.integers(0, 256, (4, 5, 3), np.uint8)[:, ::2],
+             np.zeros(0, np.uint8), rng.integers(0, 256, 7, np.uint8)]  # fmt: skip
+    joined = device_bytes(parts)
+    assert joined.dtype == torch.uint8
+    assert np.array_equal(joined.numpy(), np.concatenate([p.reshape(-1) for p in parts]))
+    one = device_bytes(parts[:1])
+    assert one.data_ptr() == parts[0].__array_interface__["data"][0]
+    assert np.array_equal(one.numpy(), parts[0].reshape(-1))
+
+
+@pytest.mark.quick
 def test_decoders_sample_frames_resample_audio_and_reject_garbage(sample_dir, labels):
     from curation.scoring.decode import DecodeError, decode_audio, open_image, sample_video_frames
 
@@ -700,11 +719,26 @@ def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
     assert pixels.device.type == "cuda"
     assert np.array_equal(pixels.cpu().numpy(), np.concatenate([a.reshape(-1, *a.shape[-3:]) for a in mixed[0]]))
     assert np.allclose(gpu.score(unresized, mixed[1])[0], gpu.score(*mixed)[0], atol=1e-5)
-    rng = np.random.default_rng(2)  # random sizes, shrunk and enlarged, with float32 products on the GPU
-    for cfg in ({"size": 48}, {"size": 48, "interpolation": "bilinear"}, {"size": (56, 40), "resize_mode": "squash"}):
-        pre = ImagePreprocessor(cfg)
-        arrays, want = random_frames(pre, rng)
-        assert np.array_equal(pre.resized(arrays, "cuda").cpu().numpy(), np.stack(want)), cfg
+    from curation.scoring import resample
+
+    rng = np.random.default_rng(2)  # random sizes, shrunk and enlarged: as this GPU runs them, and in float32 halves
+    for fast_float64 in (resample.FAST_FLOAT64_GPUS, frozenset()):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(resample, "FAST_FLOAT64_GPUS", fast_float64)
+            halves = resample._float32_exact(torch.zeros((1, 1, 1, 2), device="cuda"))
+            assert halves == (torch.cuda.get_device_capability() not in fast_float64)
+            for cfg in ({"size": 48}, {"size": 48, "interpolation": "bilinear"},
+                        {"size": (56, 40), "resize_mode": "squash"}):  # fmt: skip
+                pre = ImagePreprocessor(cfg)
+                arrays, want = random_frames(pre, rng)
+                assert np.array_equal(pre.resized(arrays, "cuda").cpu().numpy(), np.stack(want)), (cfg, halves)
+    from curation.scoring import decode  # copies to the GPU go through one pinned buffer, reused call after call
+
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5, 3 << 20, 0, 3)]
+    first, second = decode.device_bytes(parts, "cuda"), decode.device_bytes(parts[::-1], "cuda")
+    assert np.array_equal(first.cpu().numpy(), np.concatenate(parts))
+    assert np.array_equal(second.cpu().numpy(), np.concatenate(parts[::-1]))
+    assert decode._STAGING[first.device][0].is_pinned()
 
     cpu_clap, gpu_clap = ClapSimilarityScorer(spec), ClapSimilarityScorer(spec, has_gpu=True)
     assert gpu_clap.dtype == torch.float16
