@@ -34,6 +34,8 @@ tiny bootstrap models are decode-bound in this sense; the base-size ones are not
 ``--size base`` uses architecture-sized models with random weights saved to local files (open_clip ViT-B-32,
 transformers' default ClapConfig and GPT-2 124M), where the model, not decoding, dominates as with real models;
 ``tiny`` uses the embedded bootstrap models, whose forward is so cheap that decoding bounds the pipeline on CPU.
+``--clip ViT-L-14`` sizes the base CLIP up to the architecture DataComp's filtering uses; on a GPU a ViT-B-32
+forward is so fast that the actor's own work (resizing, copying) shows beside it.
 
 With a GPU (``--device cuda``, the default where one is present) the models run on it in fp16 as the stage runs
 them, the bare forward's inputs already on the GPU, Ray gets every core for decoding, and every batch is
@@ -71,7 +73,7 @@ SHARD_SIZE = 1000  # the crawl's default
 GROWTH = 4  # throughput: a run over 4N shard copies minus one over N
 # seconds of bare-model work in the larger timed run: the text scorers run near the bare rate, so their runs are
 # short next to the pipeline's start (about 10 s, which varies by a second or two): they get more work
-WORK_S = {"tiny": 6.0, "tiny-text": 20.0, "base": 30.0, "gpu": 8.0}
+WORK_S = {"tiny": 6.0, "tiny-text": 20.0, "base": 30.0, "gpu": 20.0}
 CORES = 2  # the cluster's CPUs: 2 on CPU machines (the target machine), every core with a GPU
 GPU_BATCH = 4  # with a GPU every scorer's batch is this many times its CPU batch (as a GPU user would set it)
 REPEATS = {"tiny": 3, "base": 1}  # (references, pipeline pair) measurements per scorer; the figures are medians
@@ -319,11 +321,12 @@ def decode_rate(
 
 
 def resize_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, video_frames: int, n: int,
-                device: str = "cuda") -> dict[str, float] | None:  # fmt: skip
+                device: str = "cuda") -> dict[str, Any] | None:  # fmt: skip
     """Records/s of the CLIP actor's resize on ``device`` of images and frames sent at their decoded size (what a
-    GPU stage adds to the actor's GPU work), in batches of ``n``, as the actor runs it (``float32``: products in
-    float32 halves where exact) and with every product in float64; ``None`` for the other scorers. Each record is
-    copied to the device on its own, where the actor copies a batch's adjacent rows at once."""
+    GPU stage adds to the actor's GPU work), in batches of ``n``: with products in float32 halves where exact
+    (``float32``), and with every product in float64 (``float64``); ``actor`` names the one the actor takes on
+    this device. ``None`` for the other scorers. Each record is copied to the device on its own, where the actor
+    copies a batch's adjacent rows at once."""
     if scorer not in ("image_text", "video_text"):
         return None
     import torch
@@ -343,12 +346,20 @@ def resize_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, vi
             pre.resized(arrays[i : i + n], device)
         sync()
 
-    rates = {"float32": bare_rate(run, len(rows))}
-    kept, resample.FLOAT32_DEVICES = resample.FLOAT32_DEVICES, ()
+    kept = resample.FLOAT32_DEVICES, resample.FAST_FLOAT64_GPUS
+    modes = {"float32": ((device,), frozenset()), "float64": ((), kept[1])}
     try:
-        rates["float64"] = bare_rate(run, len(rows))
+        for devices, fast in modes.values():  # each mode's kernels loaded before either is timed
+            resample.FLOAT32_DEVICES, resample.FAST_FLOAT64_GPUS = devices, fast
+            run()
+        rates: dict[str, Any] = {}
+        for name, (devices, fast) in modes.items():
+            resample.FLOAT32_DEVICES, resample.FAST_FLOAT64_GPUS = devices, fast
+            rates[name] = bare_rate(run, len(rows))
     finally:
-        resample.FLOAT32_DEVICES = kept
+        resample.FLOAT32_DEVICES, resample.FAST_FLOAT64_GPUS = kept
+    bands = torch.zeros((1, 1, 1, 2), device=device)  # the actor's choice here
+    rates["actor"] = "float32" if resample._float32_exact(bands) else "float64"
     return rates
 
 
@@ -367,7 +378,7 @@ def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
 # -- base-size models with random weights, saved as a user's downloads would be -------------------------------------
 
 
-def base_models(folder: Path) -> dict[str, dict[str, Any]]:
+def base_models(folder: Path, clip: str = "ViT-B-32") -> dict[str, dict[str, Any]]:
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -376,9 +387,9 @@ def base_models(folder: Path) -> dict[str, dict[str, Any]]:
     from curation.models.bootstrap import build_tokenizer, model_path
 
     torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-32")
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "vit-b-32.safetensors"))
-    del clip
+    model = open_clip.create_model(clip)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{clip}.safetensors"))
+    del model
     tok = build_tokenizer(["a red circle in the top left", "two short beeps"] * 50, vocab_size=512)
     clap_dir = folder / "clap-base"
     ClapModel(ClapConfig(text_config={"vocab_size": len(tok)})).save_pretrained(clap_dir)
@@ -393,7 +404,7 @@ def base_models(folder: Path) -> dict[str, dict[str, Any]]:
     GPT2LMHeadModel(config).save_pretrained(lm_dir)
     lm_tok.save_pretrained(lm_dir)
     return {
-        "image_text": {"name": "ViT-B-32", "path": str(folder / "vit-b-32.safetensors")},
+        "image_text": {"name": clip, "path": str(folder / f"{clip}.safetensors")},
         "audio_text": {"path": str(clap_dir)},
         "perplexity": {"path": str(lm_dir)},
     }
@@ -466,7 +477,7 @@ def memory_run(sample: Path, tmp: Path, copies: int) -> dict[str, float]:
 
 
 def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] | None = None,
-               gpu: bool = False, repeats: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+               gpu: bool = False, repeats: int | None = None, clip: str = "ViT-B-32") -> list[dict[str, Any]]:  # fmt: skip
     """One row per scorer: pipeline and bare records/s on single-modality crawled runs."""
     from curation.stages.base import StageContext
     from curation.stages.score import ScoreStage
@@ -480,7 +491,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
         folder = clean_media(sample, tmp / f"{size}-media-{modality}", (modality,), limit=limit)
         run_dir = tmp / f"{size}-run-{modality}"
         runs[modality] = (crawled_run(folder, run_dir, shard_size=SHARD_SIZE), run_dir)
-    overrides = base_models(tmp) if size == "base" else {}
+    overrides = base_models(tmp, clip) if size == "base" else {}
     plan = [("image_text", "image", 64), ("video_text", "video", 8), ("audio_text", "audio", 16),
             ("perplexity", "image", 128), ("language", "image", 512), ("text_quality", "image", 256)]  # fmt: skip
     if size == "base":  # no model behind language id and text quality: nothing to size up
@@ -515,6 +526,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
         ratios = sorted(p["ratio"] for p in pairs)
         resize = resize_rate(scorer, spec, rows, run_dir, config.score.video_frames, bs) if gpu else None
         row = {"size": size, "device": "cuda" if gpu else "cpu", "scorer": scorer, "batch": bs,
+               "model": Path(spec.path).name if spec.path and spec.name == "bootstrap" else spec.name,
                "records": pairs[0]["records"], "pairs": len(pairs),
                "pipeline_rps": _median(pairs, "steady"), "end_to_end_rps": _median(pairs, "end_to_end"),
                "start_s": _median(pairs, "start_s"), "after_start_rps": _median(pairs, "after_start"),
@@ -523,7 +535,8 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
                "bound_rps": _median(pairs, "bound"),
                "ratio": _median(pairs, "ratio", 2), "ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)],
                "of_bound": _median(pairs, "of_bound", 2),
-               "gpu_resize_rps": None if resize is None else {k: round(v, 1) for k, v in resize.items()}}  # fmt: skip
+               "gpu_resize_rps": None if resize is None else {k: v if isinstance(v, str) else round(v, 1)
+                                                              for k, v in resize.items()}}  # fmt: skip
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -541,6 +554,8 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=10, help="input growth for the memory check")
     ap.add_argument("--memory-records", type=int, default=240, help="clean images for the memory check's 1x")
     ap.add_argument("--scorers", nargs="+", default=None, help="only these scorers (default: all)")
+    ap.add_argument("--clip", default="ViT-B-32",
+                    help="open_clip architecture of the base-size CLIP (random weights), e.g. ViT-L-14")  # fmt: skip
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help=f"cuda: models on the GPU (fp16), Ray on every core, batches x{GPU_BATCH} (auto: cuda if "
@@ -576,7 +591,7 @@ def main() -> int:
         n_img = max(args.images, 192)
         generate_sample(sample, seed=7, n_image=n_img, n_video=n_img // 8, n_audio=n_img // 2, defect_rate=0.0)
         for size in ["tiny", "base"] if args.size == "both" else [args.size]:
-            results["throughput"] += throughput(size, sample, tmp, n_img, args.scorers, gpu, args.repeats)
+            results["throughput"] += throughput(size, sample, tmp, n_img, args.scorers, gpu, args.repeats, args.clip)
         if not args.skip_memory:
             msample = tmp / "msample"
             n = args.memory_records
@@ -600,21 +615,22 @@ def _print_table(results: dict[str, Any]) -> None:
         "ratio = pipeline / bare, target >= 0.8; bound = bare, or the cores over one record's decode + forward;\n"
         "decode = one core's decode work; GPU plan = the same under a GPU stage's plan, which leaves more to the actors)"
     )
-    print(f"{'size':<5} {'scorer':<13} {'batch':>5} {'records':>8} {'pipeline':>9} {'bare':>9} {'ratio':>6} "
+    print(f"{'size':<5} {'scorer':<13} {'model':<10} {'batch':>5} {'records':>8} {'pipeline':>9} {'bare':>9} {'ratio':>6} "
           f"{'range':>11} {'decode':>8} {'GPU plan':>8} {'bound':>9} {'of bound':>8} {'start s':>7} "
           f"{'after start':>11}")  # fmt: skip
     for r in results["throughput"]:
         spread = "{:.2f}-{:.2f}".format(*r["ratio_range"])
-        print(f"{r['size']:<5} {r['scorer']:<13} {r['batch']:>5} {r['records']:>8} {r['pipeline_rps']:>9} "
+        print(f"{r['size']:<5} {r['scorer']:<13} {r['model'][:10]:<10} {r['batch']:>5} {r['records']:>8} {r['pipeline_rps']:>9} "
               f"{r['bare_rps']:>9} {r['ratio']:>6} {spread:>11} {r['decode_rps'] or '-':>8} "
               f"{r['decode_gpu_plan_rps'] or '-':>8} {r['bound_rps']:>9} {r['of_bound']:>8} {r['start_s']:>7} "
               f"{r['after_start_rps'] or '-':>11}")  # fmt: skip
     resized = [r for r in results["throughput"] if r.get("gpu_resize_rps")]
     if resized:
         print("GPU resize of images and frames sent at their decoded size (the CLIP actor's added GPU work), "
-              "records/s, as the actor runs it (float32 products) and in float64: "
-              + ", ".join(f"{r['scorer']} {r['gpu_resize_rps']['float32']} and {r['gpu_resize_rps']['float64']}"
-                          for r in resized))  # fmt: skip
+              "records/s, with float32 halves and in float64 (* the actor's on this GPU): "
+              + ", ".join(f"{r['scorer']} " + " and ".join(
+                  f"{r['gpu_resize_rps'][k]}{'*' if r['gpu_resize_rps']['actor'] == k else ''}"
+                  for k in ("float32", "float64")) for r in resized))  # fmt: skip
     if results["memory"]:
         print(
             "\nscore stage, all scorers, peak memory of driver + Ray processes (PSS; summed RSS double-counts shared)"
