@@ -643,20 +643,19 @@ def device_bytes(parts: list[np.ndarray], device: Any = "cpu"):
     To a CUDA device they go through one pinned host buffer, reused by the next call, in one copy the host does
     not wait for. Copied from Arrow's (pageable) memory, the driver stages each copy itself and the host waits for
     it: on an H100 one batch of 256 of the sample's images sent as decoded took 29 such copies, which with 8 reads
-    of sizes back (since removed) held the CLIP actor 7.8 ms of its 30 ms resize. Where pinned memory cannot be had, the copies are pageable as before. On the CPU a
-    single part comes back as a read-only view of its memory, without a copy."""
+    of sizes back (since removed) held the CLIP actor 7.8 ms of its 30 ms resize. Where pinned memory cannot be
+    had, the copies are pageable as before. On the CPU a single part comes back as a read-only view of its memory,
+    without a copy."""
     import torch
 
-    total = sum(p.nbytes for p in parts)
-    if len(parts) == 1 and torch.device(device).type == "cpu":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return torch.from_numpy(np.ascontiguousarray(parts[0]).reshape(-1))
-    out = torch.empty(total, dtype=torch.uint8, device=device)
-    host = _pinned(out.device, total) if out.device.type == "cuda" else None
-    target = host[:total] if host is not None else out
     with warnings.catch_warnings():  # views into Arrow memory are read-only; torch only reads them here
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        if len(parts) == 1 and torch.device(device).type == "cpu":
+            return torch.from_numpy(np.ascontiguousarray(parts[0]).reshape(-1))
+        total = sum(p.nbytes for p in parts)
+        out = torch.empty(total, dtype=torch.uint8, device=device)
+        host = _pinned(out.device, total) if out.device.type == "cuda" else None
+        target = host[:total] if host is not None else out
         at = 0
         for p in parts:
             target[at : at + p.nbytes].copy_(torch.from_numpy(p.reshape(-1)))
