@@ -351,6 +351,20 @@ def test_resizing_on_the_models_device_gives_pils_pixels_bit_for_bit(sample_dir,
                 assert np.array_equal(g, r), (devices, cfg, i)
     assert orders == {True, False}  # both of Pillow's pass orders were taken
     assert float32 == {((), False), (("cpu",), True), (("cpu",), False)}  # float32, and float64 for steep shrinks
+    pre = ImagePreprocessor(cfgs[0])  # in chunks of a few frames, and frames larger than a chunk on their own
+    arrays, want = random_frames(pre, rng)
+    chunks, resize_chunk = [], resample._resize_chunk
+
+    def counted(flat, frames, *args):
+        chunks.append(frames)
+        return resize_chunk(flat, frames, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(resample, "MAX_CHUNK_PIXELS", 6000)
+        mp.setattr(resample, "_resize_chunk", counted)
+        assert np.array_equal(pre.resized(arrays).numpy(), np.stack(want))
+    assert len(chunks) > 4 and max(len(c) for c in chunks) > 1 and max(h * w for c in chunks for _, h, w in c) > 6000
+    assert resample.chunk_pixels("cpu") == resample.MAX_CHUNK_PIXELS
     bands, matmul = torch.zeros((1, 1, 32, 40), dtype=torch.float64), torch.backends.mkldnn.matmul
     with pytest.MonkeyPatch.context() as mp:  # no float32 halves where the products round their inputs
         mp.setattr(resample, "FLOAT32_DEVICES", ("cpu",))
@@ -732,6 +746,12 @@ def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
                 pre = ImagePreprocessor(cfg)
                 arrays, want = random_frames(pre, rng)
                 assert np.array_equal(pre.resized(arrays, "cuda").cpu().numpy(), np.stack(want)), (cfg, halves)
+    most = resample.chunk_pixels("cuda")  # larger chunks where the GPU has the memory: fewer kernel launches
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert most & (most - 1) == 0 and most >= resample.MAX_CHUNK_PIXELS
+    assert (
+        most == resample.MAX_CHUNK_PIXELS or most * resample.CHUNK_BYTES_PER_PIXEL * resample.CHUNK_GPU_SHARE <= total
+    )
     from curation.scoring import decode  # copies to the GPU go through one pinned buffer, reused call after call
 
     parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5, 3 << 20, 0, 3)]
