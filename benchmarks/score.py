@@ -378,18 +378,25 @@ def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
 # -- base-size models with random weights, saved as a user's downloads would be -------------------------------------
 
 
-def base_models(folder: Path, clip: str = "ViT-B-32") -> dict[str, dict[str, Any]]:
+def clip_checkpoint(folder: Path, clip: str = "ViT-B-32") -> Path:
+    """An open_clip ``clip`` architecture with random weights (seed 0), saved to a safetensors file in ``folder``."""
     import open_clip
     import torch
     from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(clip)
+    path = folder / f"{clip}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def base_models(folder: Path, clip: str = "ViT-B-32") -> dict[str, dict[str, Any]]:
     from transformers import AutoTokenizer, ClapConfig, ClapFeatureExtractor, ClapModel, GPT2Config, GPT2LMHeadModel
 
     from curation.models.bootstrap import build_tokenizer, model_path
 
-    torch.manual_seed(0)
-    model = open_clip.create_model(clip)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{clip}.safetensors"))
-    del model
+    clip_path = clip_checkpoint(folder, clip)
     tok = build_tokenizer(["a red circle in the top left", "two short beeps"] * 50, vocab_size=512)
     clap_dir = folder / "clap-base"
     ClapModel(ClapConfig(text_config={"vocab_size": len(tok)})).save_pretrained(clap_dir)
@@ -404,7 +411,7 @@ def base_models(folder: Path, clip: str = "ViT-B-32") -> dict[str, dict[str, Any
     GPT2LMHeadModel(config).save_pretrained(lm_dir)
     lm_tok.save_pretrained(lm_dir)
     return {
-        "image_text": {"name": clip, "path": str(folder / f"{clip}.safetensors")},
+        "image_text": {"name": clip, "path": str(clip_path)},
         "audio_text": {"path": str(clap_dir)},
         "perplexity": {"path": str(lm_dir)},
     }
