@@ -569,8 +569,15 @@ def main() -> int:
                     "present)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=None,
                     help=f"measurements per scorer (default: {REPEATS['tiny']} tiny, {REPEATS['base']} base)")  # fmt: skip
+    ap.add_argument("--work-seconds", type=float, default=None,
+                    help="seconds of bare-model work in each scorer's larger timed run (default: "
+                    + ", ".join(f"{v:g} {k}" for k, v in WORK_S.items()) + "); less for a quick look")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.work_seconds is not None:
+        if args.work_seconds <= 0:
+            ap.error(f"--work-seconds: must be > 0, got {args.work_seconds}")
+        WORK_S.update(dict.fromkeys(WORK_S, args.work_seconds))
 
     import logging
 
