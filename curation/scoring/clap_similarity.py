@@ -43,10 +43,11 @@ class ClapSimilarityScorer(MediaTextScorer):
         import torch
 
         from curation.models.hf import pooled_embedding
+        from curation.scoring.decode import to_device
 
         x = self.features.model_inputs(arrays, self.device, self.dtype)
         enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        enc = {k: to_device(v, self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.inference_mode():
             audio = pooled_embedding(self.model.get_audio_features(input_features=x))
             text = pooled_embedding(self.model.get_text_features(**enc))

@@ -72,7 +72,7 @@ class ClipSimilarityScorer(MediaTextScorer):
         import torch
         import torch.nn.functional as F
 
-        from curation.scoring.decode import ImagePreprocessor, frame_runs
+        from curation.scoring.decode import ImagePreprocessor, frame_runs, to_device
 
         pre = self.preprocess
         pixels = frame_runs(arrays)
@@ -81,10 +81,12 @@ class ClipSimilarityScorer(MediaTextScorer):
         x = ImagePreprocessor.to_tensor(pixels, pre.mean, pre.std, self.device, self.dtype)
         with torch.inference_mode():
             emb = F.normalize(self.model.encode_image(x).float(), dim=-1)
-        counts = torch.tensor([1 if a.ndim == 3 else a.shape[0] for a in arrays], device=emb.device)
-        owner = torch.repeat_interleave(torch.arange(len(arrays), device=emb.device), counts)
+        # the frames' owners are worked out on the host: made on the GPU (``repeat_interleave`` over counts there)
+        # they made the host wait for the image forward before it could queue the text forward
+        counts = np.array([1 if a.ndim == 3 else a.shape[0] for a in arrays], dtype=np.int64)
+        owner = to_device(np.repeat(np.arange(len(arrays)), counts), emb.device)
         pooled = torch.zeros(len(arrays), emb.shape[1], device=emb.device).index_add_(0, owner, emb)
-        return F.normalize(pooled / counts[:, None], dim=-1)
+        return F.normalize(pooled / to_device(counts, emb.device)[:, None], dim=-1)
 
     def text_inputs(self, batch: pa.Table, rows: dict[str, list], todo: list[int]) -> Any:
         """The rows' tokens from :func:`add_clip_tokens` (an ``(rows, context)`` array) when a task made them,
@@ -105,10 +107,12 @@ class ClipSimilarityScorer(MediaTextScorer):
         import torch
         import torch.nn.functional as F
 
+        from curation.scoring.decode import to_device
+
         if isinstance(captions, np.ndarray):
-            tokens = torch.from_numpy(captions).to(self.device).long()
+            tokens = to_device(captions, self.device).long()
         else:
-            tokens = self.tokenizer(captions).to(self.device)
+            tokens = to_device(self.tokenizer(captions), self.device)
         with torch.inference_mode():
             return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 

@@ -98,8 +98,8 @@ class ImagePreprocessor:
             parts = list(pixels) if isinstance(pixels, (list, tuple)) else [pixels]
             x = device_bytes(parts, device).view(-1, *parts[0].shape[1:])
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        m = to_device(mean, device, torch.float32).view(1, -1, 1, 1)
+        s = to_device(std, device, torch.float32).view(1, -1, 1, 1)
         x = (x - m) / s
         return x.to(dtype) if dtype is not None else x
 
@@ -406,9 +406,9 @@ class AudioFeatures:
         import torch
 
         waves = [np.asarray(w, dtype=np.float32)[: self.max_samples] for w in waves]
-        lengths = torch.tensor([len(w) for w in waves], device=device)[:, None]
+        lengths = to_device([len(w) for w in waves], device)[:, None]
         starts = torch.cumsum(lengths, 0) - lengths
-        flat = torch.as_tensor(np.concatenate([*waves, np.zeros(1, np.float32)]), device=device).double()
+        flat = to_device(np.concatenate([*waves, np.zeros(1, np.float32)]), device).double()
         # the extractor's padding as one gather: sample i of a clip of n samples is its sample i % n where kept,
         # else the zero after the last clip
         pos = torch.arange(self.max_samples, device=device)[None]
@@ -424,7 +424,7 @@ class AudioFeatures:
         frames = x.unfold(-1, self.n_fft, self.hop)
         k = torch.arange(self.n_fft, device=device, dtype=torch.float64)
         spec = torch.fft.rfft(frames * (0.5 - 0.5 * torch.cos(2 * np.pi * k / self.n_fft)), n=self.n_fft)
-        mel = (spec.real**2 + spec.imag**2) @ torch.as_tensor(self.filters, device=device, dtype=torch.float64)
+        mel = (spec.real**2 + spec.imag**2) @ to_device(self.filters, device, torch.float64)
         return 10.0 * torch.log10(mel.clamp_min(1e-10))
 
     def model_inputs(self, arrays: list[np.ndarray], device: Any = "cpu", dtype: Any = None):
@@ -434,14 +434,20 @@ class AudioFeatures:
 
         waves = [i for i, a in enumerate(arrays) if a.ndim == 1]
         mels = [i for i, a in enumerate(arrays) if a.ndim != 1]
-        out: list[Any] = [None] * len(arrays)
+        parts = []  # (positions, float32 log-mels): float32 first, as the decode tasks' log-mels
         if waves:
-            for i, m in zip(waves, self.log_mel_on([arrays[i] for i in waves], device)):
-                out[i] = m.float()  # float32 first, as the decode tasks' log-mels
+            parts.append((waves, self.log_mel_on([arrays[i] for i in waves], device).float()))
         if mels:
-            for i, m in zip(mels, torch.as_tensor(np.stack([arrays[i][0] for i in mels]), device=device)):
-                out[i] = m
-        x = torch.stack(out).to(dtype or torch.float32)
+            parts.append((mels, to_device(np.stack([arrays[i][0] for i in mels]), device)))
+        if len(parts) == 1:  # one kind a batch (the stage sends samples with a GPU, log-mels without)
+            x = parts[0][1]
+        else:
+            out: list[Any] = [None] * len(arrays)
+            for rows, values in parts:
+                for i, m in zip(rows, values):
+                    out[i] = m
+            x = torch.stack(out)
+        x = x.to(dtype or torch.float32)
         return x[:, None].expand(-1, self.channels, -1, -1).contiguous()
 
 
@@ -664,6 +670,32 @@ def device_bytes(parts: list[np.ndarray], device: Any = "cpu"):
         out.copy_(target, non_blocking=True)
         _STAGING[out.device][1].record()
     return out
+
+
+def to_device(values, device: Any = "cpu", dtype: Any = None):
+    """``values`` (a numpy array, a sequence, or a CPU tensor) as a tensor on ``device``, in ``dtype`` if given
+    (else numpy's: int64 for Python ints), without the host waiting for the device.
+
+    A copy to a GPU from pageable memory, which ``torch.tensor(x, device="cuda")`` makes, is a copy and a stream
+    synchronize (PyTorch's ``memcpy_and_sync``): the host waits until every kernel queued before it has run. In the
+    middle of an actor's batch that left the GPU without work while the host waited, and the host queued the next
+    kernels only after. To a CUDA device the values go through pinned memory (PyTorch's caching host allocator,
+    which keeps each block until its copy is done) in a copy the host does not wait for; where pinned memory
+    cannot be had, and on other devices, the copy is a plain one."""
+    import torch
+
+    with warnings.catch_warnings():  # read-only views of Arrow memory: torch only reads them here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    if dtype is not None:
+        t = t.to(dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    try:
+        t = t.pin_memory()
+    except RuntimeError:  # a locked-memory limit
+        return t.to(device)
+    return t.to(device, non_blocking=True)
 
 
 def _pinned(device: Any, size: int):

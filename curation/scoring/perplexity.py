@@ -137,8 +137,9 @@ class PerplexityScorer(Scorer):
     def _perplexities(self, ids: np.ndarray, mask: np.ndarray) -> list[float | None]:
         import torch
 
-        input_ids = torch.from_numpy(ids).to(self.device)
-        mask_t = torch.from_numpy(mask).to(self.device)
+        from curation.scoring.decode import to_device
+
+        input_ids, mask_t = to_device(ids, self.device), to_device(mask, self.device)
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids, attention_mask=mask_t).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]

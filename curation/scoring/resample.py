@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import PIL
 
+from curation.scoring.decode import crop_offset, device_bytes, frame_runs, to_device
+
 PRECISION_BITS = 22  # Pillow: 32 - 8 bits of result - 2 bits of headroom
 _HALF = float(1 << (PRECISION_BITS - 1))
 _ONE = float(1 << PRECISION_BITS)
@@ -99,7 +101,7 @@ def axis_weights(src, new, offset, target: int, bilinear: bool, device: Any = "c
     n = len(src)
     fn, support = (_bilinear, 1.0) if bilinear else (_bicubic, 2.0)
     ksize, span = _extent(src, new, support, block)
-    src, new, offset = (torch.tensor(v, device=dev) for v in (src, new, offset))
+    src, new, offset = (to_device(v, dev) for v in (src, new, offset))
     blocks = -(-target // block)
     j = torch.arange(blocks * block, device=dev)[None] + offset[:, None]  # whole blocks: those past target get 0
     inside = (j >= 0) & (j < new[:, None])
@@ -155,7 +157,7 @@ def _first_pass(flat, frames, bands, starts, along_width: bool):
 
     dev = flat.device
     n, blocks, block, span = bands.shape
-    base, hs, ws = (torch.tensor(v, device=dev)[:, None] for v in zip(*frames))
+    base, hs, ws = (to_device(v, dev)[:, None] for v in zip(*frames))
     other = torch.arange(max(f[1] if along_width else f[2] for f in frames), device=dev)
     reads = (starts[..., None] + torch.arange(span, device=dev)).view(n, -1)  # the input pixels each block reads
     if along_width:  # byte offsets: of each read pixel, and of each channel of the other axis' pixels
@@ -249,8 +251,6 @@ def resize_batch(arrays: list[np.ndarray], geometry, target: tuple[int, int], de
     are (that is what the model's preprocessing does to them)."""
     import torch
 
-    from curation.scoring.decode import device_bytes, frame_runs
-
     flat = device_bytes(frame_runs([a.reshape(-1, 1) for a in arrays]), device)  # back-to-back rows: one part
     frames: list[tuple[int, int, int]] = []  # (byte offset in the device buffer, h, w) of every frame
     at = 0
@@ -321,8 +321,6 @@ def _resize_chunk(flat, frames, news, out, where: list[int], target, key) -> Non
     """Resize a chunk of frames alike (``key``: Pillow's pass order, the filter, the pad's fill) into ``out``."""
     import torch
 
-    from curation.scoring.decode import crop_offset
-
     h_first, bilinear, fill = key
     dev = flat.device
 
@@ -346,4 +344,4 @@ def _resize_chunk(flat, frames, news, out, where: list[int], target, key) -> Non
     y = y[:, : target[0], : target[1]]
     if fill:  # the pad's pixels: outside the resized image's rows or columns
         y = torch.where((rows[:, :, None] & cols[:, None, :])[..., None], y, fill)
-    out[torch.as_tensor(where, device=dev)] = y
+    out[to_device(where, dev)] = y

@@ -65,6 +65,33 @@ def test_device_bytes_joins_parts_in_order_and_views_a_single_part_on_the_cpu():
 
 
 @pytest.mark.quick
+def test_small_host_values_reach_the_device_as_torch_tensor_makes_them():
+    """The actors' small uploads (sizes, indices, means, tokens) go through ``to_device``, pinned and without a
+    wait on a GPU: the same values and dtypes as ``torch.tensor`` (int64 for Python ints, float32 when asked), a
+    read-only Arrow view without a warning, and a CPU tensor as it is."""
+    import warnings
+
+    import torch
+
+    from curation.scoring.decode import to_device
+
+    for values, dtype in (
+        ([3, 1, 2], None),
+        ((0.48145466, 0.4578275), torch.float32),
+        (np.arange(6, dtype=np.int32), None),
+    ):
+        want, got = torch.tensor(values, dtype=dtype), to_device(values, "cpu", dtype)
+        assert got.dtype == want.dtype and torch.equal(got, want), values
+    view = np.arange(4)
+    view.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert to_device(view).tolist() == [0, 1, 2, 3]
+    t = torch.arange(3)
+    assert to_device(t) is t
+
+
+@pytest.mark.quick
 def test_decoders_sample_frames_resample_audio_and_reject_garbage(sample_dir, labels):
     from curation.scoring.decode import DecodeError, decode_audio, open_image, sample_video_frames
 
@@ -752,6 +779,14 @@ def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
     assert (
         most == resample.MAX_CHUNK_PIXELS or most * resample.CHUNK_BYTES_PER_PIXEL * resample.CHUNK_GPU_SHARE <= total
     )
+    # no step of a batch makes the host wait for the GPU (a pageable copy, a size read back) before the scores are
+    # read: the host queues the next kernels while the GPU runs the last ones
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu.embed_media(unresized)
+        gpu.embed_text(mixed[1])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     from curation.scoring import decode  # copies to the GPU go through one pinned buffer, reused call after call
 
     parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5, 3 << 20, 0, 3)]
@@ -767,6 +802,11 @@ def test_model_scorers_on_gpu_match_cpu(bootstrap_models, sample_dir, labels):
     plan.audio_waves = True  # as the stage decodes audio for a CLAP actor with a GPU: its log-mels made there
     waves = [decode_one((sample_dir / r["path"]).read_bytes(), "audio", plan) for r in clean["audio"]]
     assert all(w.ndim == 1 for w in waves)
+    torch.cuda.set_sync_debug_mode("error")  # the CLAP actor's inputs, made on the GPU, without a wait either
+    try:
+        gpu_clap.features.model_inputs(waves, gpu_clap.device, gpu_clap.dtype)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     mels = gpu_clap.features.log_mel_on(waves, gpu_clap.device).cpu().numpy()
     assert np.abs(mels - np.stack([a[0] for a in inputs["audio"][0]])).max() < 1e-3
     assert np.allclose(want, gpu_clap.score(waves, inputs["audio"][1])[0], atol=2e-2)
