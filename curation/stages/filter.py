@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from curation.config import ConfigError, PipelineConfig
 from curation.fsutil import read_json, write_json
-from curation.ledger import kept_row, rejected_row, write_part
+from curation.ledger import LedgerError, write_part
 from curation.stages.base import Stage, log
 
 
@@ -44,53 +44,69 @@ class FilterStage(Stage):
         return f"{super().fingerprint()}-{self.recipe().fingerprint()}"
 
     def run(self, input_stage: str = "score") -> dict[str, Any]:
-        from curation.filtering import judge, percentile_thresholds
+        """Judge every record the filter is given, column-wise over the ledger's score columns (a million records
+        in seconds), and write a ledger part per crawl shard not yet done."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from curation.filtering import percentile_thresholds, verdicts
 
         recipe = self.recipe()
-        records = self.kept_records()
-        uids = {u for t in records.values() for u in t.column("uid").to_pylist()}
-        ledger = pq.read_table(self.ctx.run_dir / "ledger.parquet")
+        records = self.kept_records(columns=["uid"])
+        path = self.ctx.run_dir / "ledger.parquet"
         signals = sorted({r.signal for r in recipe.rules})
-        missing = [s for s in signals if s not in ledger.column_names]
+        missing = [s for s in signals if s not in pq.read_schema(path).names]
         if missing:
             where = {r.signal: src for r, src in zip(recipe.rules, recipe.sources)}
             raise ConfigError([f"{where[s]}: signal {s!r} was not computed in this run (is the score stage in "
                                f"`stages:`, with it in score.scorers?)" for s in missing])  # fmt: skip
-        rows = [r for r in ledger.select(["uid", "modality", *signals]).to_pylist() if r["uid"] in uids]
-        by_uid = {r["uid"]: r for r in rows}
+        shards = list(records)
+        uids = pa.chunked_array([c for s in shards for c in records[s].column("uid").chunks], pa.string())
+        ledger = pq.read_table(path, columns=["uid", "modality", *signals])
+        # the ledger's rows of the records given, in shard order (each is there: the ledger holds every input)
+        rows = ledger.take(pc.index_in(uids, value_set=ledger.column("uid")))
+        if rows.column("uid").null_count:
+            raise LedgerError(f"{path}: {rows.column('uid').null_count} records the filter was given are not in it")
         cuts = percentile_thresholds(recipe.rules, rows)
         write_json(self.dir / "recipe.json", {**recipe.to_dict(), "cuts": [
             {"rule": recipe.sources[i], "modality": m, "signal": recipe.rules[i].signal, "value": v}
             for (i, m), v in sorted(cuts.items())]})  # fmt: skip
+        reason, detail = verdicts(rows, recipe.rules, cuts)
+        status = pc.if_else(pc.is_null(reason), "kept", "rejected")
         totals: Counter = Counter()
         reasons: Counter = Counter()
-        by_modality: dict[str, Counter] = {}
-        for shard, table in records.items():
+        start = 0
+        for shard in shards:
+            n = records[shard].num_rows
             if not self.is_shard_done(shard):
-                out, shard_reasons = [], Counter()
-                for uid in table.column("uid").to_pylist():
-                    verdict = judge(by_uid[uid], recipe.rules, cuts)
-                    if verdict is None:
-                        out.append(kept_row(uid, self.name))
-                    else:
-                        shard_reasons[verdict.reason] += 1
-                        out.append(rejected_row(uid, self.name, verdict.reason, verdict.detail))
-                write_part(self.ledger_path(shard), out)
-                rejected = sum(shard_reasons.values())
-                self.mark_shard_done(shard, {"input": len(out), "kept": len(out) - rejected, "rejected": rejected,
-                                             "reasons": dict(shard_reasons)})  # fmt: skip
+                part = pa.table({"uid": rows.column("uid").slice(start, n), "status": status.slice(start, n),
+                                 "stage": pa.array([self.name] * n, pa.string()), "reason": reason.slice(start, n),
+                                 "detail": detail.slice(start, n), "dup_of": pa.nulls(n, pa.string())})  # fmt: skip
+                write_part(self.ledger_path(shard), part)
+                counts = {c["values"]: c["counts"] for c in pc.value_counts(reason.slice(start, n)).to_pylist()
+                          if c["values"] is not None}  # fmt: skip
+                rejected = sum(counts.values())
+                self.mark_shard_done(shard, {"input": n, "kept": n - rejected, "rejected": rejected,
+                                             "reasons": dict(sorted(counts.items()))})  # fmt: skip
+            start += n
             s = read_json(self.done_path(shard))
             totals.update({k: s[k] for k in ("input", "kept", "rejected")})
             reasons.update(s["reasons"])
-        for part in sorted((self.dir / "ledger").glob("*.parquet")):
-            for r in pq.read_table(part, columns=["uid", "status"]).to_pylist():
-                by_modality.setdefault(by_uid[r["uid"]]["modality"], Counter())[r["status"]] += 1
+        # per modality from the parts on disk (a resumed run's earlier shards included)
+        by_modality: dict[str, dict[str, int]] = {}
+        files = sorted((self.dir / "ledger").glob("*.parquet"))
+        if files:
+            parts = pa.concat_tables([pq.read_table(f, columns=["uid", "status"]) for f in files])
+            at = pc.index_in(parts.column("uid"), value_set=rows.column("uid"))
+            parts = parts.append_column("modality", rows.column("modality").take(at))
+            for c in parts.group_by(["modality", "status"]).aggregate([([], "count_all")]).to_pylist():
+                by_modality.setdefault(c["modality"], {})[c["status"]] = c["count_all"]
         log.info("filter: recipe %s v%d: %d kept, %d rejected %s", recipe.name, recipe.version, totals["kept"],
                  totals["rejected"], dict(reasons))  # fmt: skip
         return {**{k: totals[k] for k in ("input", "kept", "rejected")}, "reasons": dict(sorted(reasons.items())),
                 "recipe": {"name": recipe.name, "version": recipe.version, "path": recipe.path,
                            "fingerprint": recipe.fingerprint()},
-                "by_modality": {m: dict(c) for m, c in sorted(by_modality.items())}}  # fmt: skip
+                "by_modality": {m: dict(sorted(c.items())) for m, c in sorted(by_modality.items())}}  # fmt: skip
 
     @classmethod
     def prepare_rerun(cls, run_dir: Path, config: PipelineConfig, reset_later: bool = False) -> None:

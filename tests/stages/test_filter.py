@@ -9,12 +9,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sample_runs import ledger_by_id
 
 from curation.config import ConfigError, FilterConfig
-from curation.filtering import judge, list_recipes, load_recipe, percentile_thresholds
+from curation.filtering import list_recipes, load_recipe, percentile_thresholds, verdicts
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTION_DEFECTS = ("mismatched_caption", "gibberish_caption", "non_english_caption")
@@ -79,33 +80,48 @@ def test_includes_and_pipeline_rules_combine(tmp_path):
     assert recipe.fingerprint() != load_recipe("laion").fingerprint()
 
 
+def judged(rows: list[dict], rules: list, cuts: dict | None = None) -> dict[str, tuple[str, str] | None]:
+    """uid -> (reason, detail) of the rejected rows, None for the kept ones, as :func:`verdicts` gives them."""
+    table = pa.Table.from_pylist(rows)
+    reason, detail = verdicts(table, rules, percentile_thresholds(rules, table) if cuts is None else cuts)
+    return {u: None if r is None else (r, d) for u, r, d in zip(table["uid"].to_pylist(), reason.to_pylist(),
+                                                                 detail.to_pylist())}  # fmt: skip
+
+
 @pytest.mark.quick
 def test_rules_thresholds_percentiles_and_reasons():
     rows = [{"uid": str(i), "modality": "image", "clip_score": s, "lang": "en", "perplexity": 10.0}
             for i, s in enumerate([0.10, 0.20, 0.28, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90])]  # fmt: skip
     rows.append({"uid": "a", "modality": "audio", "clip_score": 0.01, "lang": "de", "perplexity": 500.0})
     rows.append({"uid": "n", "modality": "image", "clip_score": None, "lang": "en", "perplexity": 10.0})
+    rows.append({"uid": "nan", "modality": "image", "clip_score": float("nan"), "lang": None, "perplexity": 10.0})
     rules = [Rule(signal="clip_score", modalities=["image"], min=0.28), Rule(signal="lang", one_of=["en"]),
              Rule(signal="perplexity", max=100)]  # fmt: skip
-    verdicts = {r["uid"]: judge(r, rules, {}) for r in rows}
-    assert verdicts["2"] is None  # the bound is inclusive
-    assert (verdicts["0"].reason, verdicts["0"].detail) == ("low_clip_score", "clip_score 0.1 < 0.28")
+    verdicts_ = judged(rows, rules)
+    assert verdicts_["2"] is None  # the bound is inclusive
+    assert verdicts_["0"] == ("low_clip_score", "clip_score 0.1 < 0.28")
     # the audio row: the image-only rule does not apply; the first failing rule names the reason, all are listed
-    assert verdicts["a"].reason == "unwanted_lang"
-    assert verdicts["a"].detail == "lang 'de' not in ['en']; perplexity 500 > 100"
-    assert verdicts["n"].reason == "missing_clip_score"
-    assert judge(rows[-1], [Rule(signal="clip_score", min=0.28, missing="keep")], {}) is None
+    assert verdicts_["a"] == ("unwanted_lang", "lang 'de' not in ['en']; perplexity 500 > 100")
+    assert verdicts_["n"] == ("missing_clip_score", "no clip_score")
+    assert verdicts_["nan"] == ("missing_clip_score", "no clip_score; no lang")  # NaN is no score
+    assert judged(rows, [Rule(signal="clip_score", min=0.28, missing="keep")])["n"] is None
+    assert sum(v is None for v in verdicts_.values()) == 8
 
     top = [Rule(signal="clip_score", top_percent=30)]
-    cuts = percentile_thresholds(top, rows)
+    table = pa.Table.from_pylist(rows)
+    cuts = percentile_thresholds(top, table)
     assert cuts == {(0, "image"): 0.70, (0, "audio"): 0.01}  # per modality; missing values take no part
-    kept = [r["uid"] for r in rows if judge(r, top, cuts) is None]
-    assert kept == ["7", "8", "9", "a"]
-    v = judge(rows[6], top, cuts)
-    assert (v.reason, v.detail) == ("low_clip_score", "clip_score 0.6 < 0.7 (top 30% of image)")
+    verdicts_ = judged(rows, top, cuts)
+    assert [u for u, v in verdicts_.items() if v is None] == ["7", "8", "9", "a"]
+    assert verdicts_["6"] == ("low_clip_score", "clip_score 0.6 < 0.7 (top 30% of image)")
     low = [Rule(signal="perplexity", bottom_percent=50, reason="rambling")]
-    assert judge(rows[10], low, percentile_thresholds(low, rows)) is None  # alone in its modality
-    assert [judge(r, low, {(0, "image"): 5.0}).reason for r in rows[:1]] == ["rambling"]
+    assert judged(rows, low)["a"] is None  # alone in its modality
+    assert judged(rows[:1], low, {(0, "image"): 5.0})["0"][0] == "rambling"
+    # a table with no rows, and rules whose checks never apply
+    assert [a.to_pylist() for a in verdicts(table.slice(0, 0), rules, {})] == [[], []]
+    assert judged(rows, [Rule(signal="clip_score", top_percent=10, missing="keep", modalities=["video"])]) == {
+        r["uid"]: None for r in rows
+    }
 
 
 # -- on the real pipeline -----------------------------------------------------------------------------------------
