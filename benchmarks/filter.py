@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,15 +76,18 @@ def make_run(run_dir: Path, n: int, shard_size: int, seed: int = 0) -> None:
         pq.write_table(crawl.slice(start, shard_size), run_dir / "crawl/ledger" / name)
         rows = kept[(kept >= part.start) & (kept < part.stop)]
         shard = records.select(["uid", "modality"]).take(rows)
-        pq.write_table(shard.append_column("caption", pa.array(["a caption"] * len(rows))), run_dir / "crawl/shards" / name)
+        pq.write_table(
+            shard.append_column("caption", pa.array(["a caption"] * len(rows))), run_dir / "crawl/shards" / name
+        )
         at = np.searchsorted(kept, rows)
         pq.write_table(score.take(at), run_dir / "score/ledger" / name)
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> tuple[float, Any]:
+    """(seconds, result) of ``fn(*args)``."""
     started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    out = fn(*args)
+    return time.perf_counter() - started, out
 
 
 def refilter(run_dir: Path, recipe: str) -> dict:
@@ -161,16 +165,19 @@ def main() -> int:
         run_dir = tmp / "run"
         print(f"generating a run of {args.records:,} records ...", flush=True)
         make_run(run_dir, args.records, args.shard_size)
-        assemble = [timed(lambda: assemble_ledger(run_dir, ["crawl", "score"])) for _ in range(args.repeats)]
+        assemble = [timed(assemble_ledger, run_dir, ["crawl", "score"])[0] for _ in range(args.repeats)]
         results["assemble_s"] = round(statistics.median(assemble), 3)
         print(f"assemble (crawl, score): {results['assemble_s']:.2f} s", flush=True)
         for recipe in args.recipes:
             ours, theirs, kept = [], [], {}
             for _ in range(args.repeats):
                 assemble_ledger(run_dir, ["crawl", "score"])  # the ledger `curation filter` starts from
-                ours.append(timed(lambda: kept.update(ours=refilter(run_dir, recipe)["kept"])))
+                seconds, counts = timed(refilter, run_dir, recipe)
+                ours.append(seconds)
+                kept["ours"] = counts["kept"]
                 assemble_ledger(run_dir, ["crawl", "score"])
-                theirs.append(timed(lambda: kept.update(peer=peer(run_dir, recipe, tmp / "uids.npy"))))
+                seconds, kept["peer"] = timed(peer, run_dir, recipe, tmp / "uids.npy")
+                theirs.append(seconds)
             if kept["ours"] != kept["peer"]:
                 raise SystemExit(f"{recipe}: the filter kept {kept['ours']} records, the peer's masks {kept['peer']}")
             row = {"recipe": recipe, "kept": kept["ours"], "filter_s": round(statistics.median(ours), 3),
