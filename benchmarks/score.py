@@ -363,7 +363,8 @@ def resize_rate(scorer: str, spec, rows: list[dict[str, Any]], run_dir: Path, vi
     return rates
 
 
-def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
+def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int, sets: list[str] | None = None):
+    """The config of one scorer's runs: only that scorer, its batch size and model, then ``sets`` (``--set``)."""
     from curation.config import load_config
 
     data = base.to_dict()
@@ -372,7 +373,7 @@ def score_config(base, scorer: str, spec_overrides: dict[str, Any], batch: int):
     key = {"image_text": "image_text", "video_text": "image_text", "audio_text": "audio_text"}.get(scorer, scorer)
     if key in data["score"]:
         data["score"][key].update({"batch_size": batch, **spec_overrides.get(key, {})})
-    return load_config(data=data)
+    return load_config(data=data, overrides=sets)
 
 
 # -- base-size models with random weights, saved as a user's downloads would be -------------------------------------
@@ -484,7 +485,8 @@ def memory_run(sample: Path, tmp: Path, copies: int) -> dict[str, float]:
 
 
 def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] | None = None,
-               gpu: bool = False, repeats: int | None = None, clip: str = "ViT-B-32") -> list[dict[str, Any]]:  # fmt: skip
+               gpu: bool = False, repeats: int | None = None, clip: str = "ViT-B-32",
+               sets: list[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One row per scorer: pipeline and bare records/s on single-modality crawled runs."""
     from curation.stages.base import StageContext
     from curation.stages.score import ScoreStage
@@ -507,7 +509,7 @@ def throughput(size: str, sample: Path, tmp: Path, n_img: int, only: list[str] |
     out = []
     for scorer, modality, batch in plan:
         config, run_dir = runs[modality]
-        config = score_config(config, scorer, overrides, batch)
+        config = score_config(config, scorer, overrides, batch, sets)
         key = {"video_text": "image_text", "text_quality": "language"}.get(scorer, scorer)
         spec = getattr(config.score, key)
         rows = [r for t in ScoreStage(StageContext(run_dir.resolve(), config)).kept_records().values()
@@ -572,8 +574,17 @@ def main() -> int:
     ap.add_argument("--work-seconds", type=float, default=None,
                     help="seconds of bare-model work in each scorer's larger timed run (default: "
                     + ", ".join(f"{v:g} {k}" for k, v in WORK_S.items()) + "); less for a quick look")  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a config key in every timed pipeline and bare model (repeatable), e.g. "
+                    "score.resize_on_gpu=false or score.image_text.concurrency=4")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    from curation.config import ConfigError, load_config
+
+    try:  # a bad key fails here, not after the sample and the models are made
+        load_config(overrides=args.set)
+    except ConfigError as e:
+        ap.error(str(e))
     if args.work_seconds is not None:
         if args.work_seconds <= 0:
             ap.error(f"--work-seconds: must be > 0, got {args.work_seconds}")
@@ -598,14 +609,15 @@ def main() -> int:
     bootstrap()  # trained (or found) before the clock and before Ray
     ray.init(num_cpus=CORES, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="ERROR")
     print(f"device: {'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU'}, {CORES} CPUs for Ray", flush=True)
-    results: dict[str, Any] = {"throughput": [], "memory": []}
+    results: dict[str, Any] = {"throughput": [], "memory": [], "set": args.set}
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     try:
         sample = tmp / "sample"
         n_img = max(args.images, 192)
         generate_sample(sample, seed=7, n_image=n_img, n_video=n_img // 8, n_audio=n_img // 2, defect_rate=0.0)
         for size in ["tiny", "base"] if args.size == "both" else [args.size]:
-            results["throughput"] += throughput(size, sample, tmp, n_img, args.scorers, gpu, args.repeats, args.clip)
+            results["throughput"] += throughput(size, sample, tmp, n_img, args.scorers, gpu, args.repeats, args.clip,
+                                                args.set)  # fmt: skip
         if not args.skip_memory:
             msample = tmp / "msample"
             n = args.memory_records
@@ -629,6 +641,8 @@ def _print_table(results: dict[str, Any]) -> None:
         "ratio = pipeline / bare, target >= 0.8; bound = bare, or the cores over one record's decode + forward;\n"
         "decode = one core's decode work; GPU plan = the same under a GPU stage's plan, which leaves more to the actors)"
     )
+    if results.get("set"):
+        print("with --set " + " ".join(results["set"]))
     print(f"{'size':<5} {'scorer':<13} {'model':<10} {'batch':>5} {'records':>8} {'pipeline':>9} {'bare':>9} {'ratio':>6} "
           f"{'range':>11} {'decode':>8} {'GPU plan':>8} {'bound':>9} {'of bound':>8} {'start s':>7} "
           f"{'after start':>11}")  # fmt: skip
