@@ -270,15 +270,27 @@ def resize_batch(arrays: list[np.ndarray], geometry, target: tuple[int, int], de
         groups.setdefault((horizontal_first((h, w), news[i]), bilinear, fill), []).append(i)
     most = chunk_pixels(out.device)
     for key, idx in groups.items():
-        if key == "as is":
+        if key == "as is":  # consecutive frames lie back to back in ``flat``: one copy a run of them
             size = target[0] * target[1] * 3
-            for i in idx:
-                out[i] = flat[frames[i][0] : frames[i][0] + size].view(target[0], target[1], 3)
+            for first, last in _runs(idx):
+                block = flat[frames[first][0] : frames[last][0] + size]
+                out[first : last + 1] = block.view(last + 1 - first, target[0], target[1], 3)
             continue
         idx.sort(key=lambda i: frames[i][1] * frames[i][2])  # similar sizes together: less padding
         for chunk in _chunks(idx, frames, most):
             _resize_chunk(flat, [frames[i] for i in chunk], [news[i] for i in chunk], out, chunk, target, key)
     return out
+
+
+def _runs(idx: list[int]):
+    """``(first, last)`` of each run of consecutive numbers in ``idx`` (increasing)."""
+    start = prev = idx[0]
+    for i in idx[1:]:
+        if i != prev + 1:
+            yield start, prev
+            start = i
+        prev = i
+    yield start, prev
 
 
 def chunk_pixels(device) -> int:

@@ -324,13 +324,15 @@ def test_image_geometry_equals_open_clips_transform_pixel_for_pixel(resize_mode)
 
 
 def random_frames(pre, rng, n: int = 24) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``n`` images and two-frame videos of random sizes (one at the model's size, one a steep shrink), noise or
-    edges and gradients (the filter's overshoot); and each frame as a decode task resizes it with PIL."""
+    """``n`` images and two-frame videos of random sizes (some at the model's size, three of those frames back to
+    back; one a steep shrink), noise or edges and gradients (the filter's overshoot); and each frame as a decode
+    task resizes it with PIL."""
     from PIL import Image
 
+    fixed = {0: pre.hw, 1: (30, 900), 4: pre.hw, 5: pre.hw}  # 4 is a video
     arrays, want = [], []
     for i in range(n):
-        h, w = (int(v) for v in rng.integers(1, 160, 2)) if i > 1 else [pre.hw, (30, 900)][i]
+        h, w = fixed[i] if i in fixed else (int(v) for v in rng.integers(1, 160, 2))
         smooth = np.cumsum(rng.integers(-12, 13, (h, w, 3)), 1) + 128
         a = np.clip(smooth, 0, 255).astype(np.uint8) if i % 2 else rng.integers(0, 256, (h, w, 3), np.uint8)
         a = np.stack([a, a[::-1, ::-1]]) if i % 5 == 4 else a
