@@ -163,6 +163,7 @@ class Run:
         state["status"] = "running"
         self.save_state(state)
         completed: list[str] = []
+        assembled: list[str] | None = None  # the stages this process last assembled the ledger from
         started_ray = False
         try:
             state["input"] = self.ingest(state)
@@ -187,8 +188,10 @@ class Run:
                 if stage.needs_ray and not started_ray:
                     started_ray = init_ray(self.config, address)
                 # the ledger must reflect exactly the completed stages: a stage folder deleted to redo it may
-                # still have rejects in the last assembled ledger
-                assemble_ledger(self.run_dir, completed)
+                # still have rejects in the last assembled ledger (assembled by this process after the previous
+                # stage, it does)
+                if assembled != completed:
+                    assemble_ledger(self.run_dir, completed)
                 log.info("%s: running", name)
                 t0 = time.time()
                 entry.update(status="running", started=t0)
@@ -200,6 +203,7 @@ class Run:
                 write_json(stage.success_path, {"fingerprint": stage.fingerprint(), "summary": summary})
                 completed.append(name)
                 state["counts"] = assemble_ledger(self.run_dir, completed)
+                assembled = list(completed)
                 self.save_state(state)
                 log.info("%s: done in %.1f s: %s", name, entry["seconds"], _short(summary))
         except BaseException:
@@ -211,7 +215,8 @@ class Run:
                 import ray
 
                 ray.shutdown()
-        state["counts"] = assemble_ledger(self.run_dir, completed)
+        if assembled != completed:
+            state["counts"] = assemble_ledger(self.run_dir, completed)
         state["status"] = "complete" if completed == self.config.stages else "partial"
         self.save_state(state)
         return state
