@@ -2,7 +2,7 @@
 process, and as several processes sharing the device.
 
     .venv/bin/python benchmarks/score_actor.py [--device auto|cpu|cuda] [--clip bootstrap|ViT-B-32|ViT-L-14]
-        [--modality image|video] [--records N] [--batch N] [--processes 1 2 4]
+        [--modality image|video] [--records N] [--batch N] [--processes 1 2 4] [--profile ROWS]
 
 The inputs are what the stage hands its CLIP actor: the sample's clean media, crawled into shards, then indexed
 and decoded by the stage's own batch functions (``index_shard``, ``decode_batch``, and with a GPU
@@ -190,6 +190,33 @@ def processes_rate(spec, batches, gpu: bool, counts: list[int], folder: Path, se
     return out
 
 
+def profiled(spec, batches, gpu: bool, rows: int) -> dict[str, Any]:
+    """One pass of the actor's call over ``batches`` (after an untimed one) under torch's profiler: its ``rows``
+    most expensive ops by their own device time (GPU) or CPU time, and on a GPU how much of the pass's wall time
+    the device was busy. A device busy for a small share of the pass means the actor's host work paces it."""
+    import torch
+
+    from curation.scoring.clip_similarity import ClipSimilarityScorer
+
+    actor = ClipSimilarityScorer(spec, has_gpu=gpu)
+    sync = torch.cuda.synchronize if actor.device.startswith("cuda") else (lambda: None)
+    for b in batches:
+        actor(b)
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for b in batches:
+            actor(b)
+        sync()
+    wall_ms = (time.perf_counter() - started) * 1e3
+    ops = prof.key_averages()
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    busy_ms = sum(getattr(e, key) for e in ops) / 1e3 if gpu else None
+    return {"table": ops.table(sort_by=key, row_limit=rows, max_name_column_width=48), "wall_ms": wall_ms,
+            "device_busy_ms": busy_ms, "batches": len(batches)}  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -204,6 +231,9 @@ def main() -> int:
     ap.add_argument("--processes", type=int, nargs="*", default=None,
                     help="process counts for the shared-device loop (default: 1 2 on CPU, 1 2 4 on a GPU; none: skip)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=8.0, help="each process count's loop")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="also profile one pass of the actor's call: its ROWS most expensive ops, and on a GPU the "
+                    "share of the pass the device was busy")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -238,6 +268,8 @@ def main() -> int:
             torch.set_num_threads(1)  # as the actor (limit_threads): its parts are timed in this process
         result = {"clip": args.clip, "modality": args.modality, **breakdown(spec, batches, gpu)}
         result["processes_rps"] = processes_rate(spec, batches, gpu, counts, tmp, args.seconds) if counts else {}
+        if args.profile > 0:
+            result["profile"] = profiled(spec, batches, gpu, args.profile)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _print(result)
@@ -257,6 +289,12 @@ def _print(r: dict[str, Any]) -> None:
     if r["processes_rps"]:
         print("  processes running the call at once, summed records/s: "
               + ", ".join(f"{k}: {v:,.1f}" for k, v in r["processes_rps"].items()))  # fmt: skip
+    if "profile" in r:
+        p = r["profile"]
+        print(f"\nprofile of one pass of the call ({p['batches']} batches, {p['wall_ms']:.1f} ms under the profiler)")
+        if p["device_busy_ms"] is not None:
+            print(f"  device busy {p['device_busy_ms']:.1f} ms ({p['device_busy_ms'] / p['wall_ms']:.0%} of the pass)")
+        print(p["table"])
 
 
 if __name__ == "__main__":
