@@ -125,10 +125,18 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
 
 
+def _signal(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """A score column of ``table``; one with no value at all (Arrow's null type) as the signal's own type."""
+    column = table.column(name)
+    if pa.types.is_null(column.type):
+        from curation.scoring import SIGNALS
+
+        column = column.cast(SIGNALS[name])
+    return column
+
+
 def _present(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Which values of a score column count as present: not null, and for a float column not NaN."""
-    if pa.types.is_null(column.type):
-        return np.zeros(len(column), bool)
     present = pc.is_valid(column)
     if pa.types.is_floating(column.type):
         present = pc.and_(present, pc.fill_null(pc.invert(pc.is_nan(column)), False))
@@ -149,7 +157,7 @@ def percentile_thresholds(rules: list[Rule], table: pa.Table) -> dict[tuple[int,
         pct = rule.top_percent if rule.top_percent is not None else rule.bottom_percent
         if pct is None:
             continue
-        column = table.column(rule.signal)
+        column = _signal(table, rule.signal)
         present = _present(column)
         for m in rule.modalities:
             values = np.sort(column.filter(pa.array(present & _mask(pc.equal(modality, m)))).to_numpy())
@@ -172,7 +180,7 @@ def verdicts(table: pa.Table, rules: list[Rule], cuts: dict[tuple[int, str], Any
     checks: list[tuple[np.ndarray, str, str, str | None]] = []
     for i, rule in enumerate(rules):
         s = rule.signal
-        column = table.column(s)
+        column = _signal(table, s)
         applies = _mask(pc.is_in(modality, value_set=pa.array(rule.modalities, pa.string())))
         present = _present(column)
         if rule.missing == "reject":
@@ -206,7 +214,8 @@ def verdicts(table: pa.Table, rules: list[Rule], cuts: dict[tuple[int, str], Any
         if bound is None:
             texts = [f"no {signal}"] * len(rows)
         else:  # Python for the failing values only
-            texts = [f"{signal} {_fmt(v)}{bound}" for v in table.column(signal).take(pa.array(rows)).to_pylist()]
+            values = _signal(table, signal).take(pa.array(rows)).to_pylist()
+            texts = [f"{signal} {_fmt(v)}{bound}" for v in values]
         for r, t in zip(rows.tolist(), texts):
             detail[r] = t if detail[r] is None else f"{detail[r]}; {t}"
     reasons = pa.array([reason for _, reason, _, _ in checks], pa.string())

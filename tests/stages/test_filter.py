@@ -117,7 +117,13 @@ def test_rules_thresholds_percentiles_and_reasons():
     low = [Rule(signal="perplexity", bottom_percent=50, reason="rambling")]
     assert judged(rows, low)["a"] is None  # alone in its modality
     assert judged(rows[:1], low, {(0, "image"): 5.0})["0"][0] == "rambling"
-    # a table with no rows, and rules whose checks never apply
+    # columns without a single value (Arrow's null type), a table with no rows, and rules whose checks never apply
+    unscored = pa.table({"uid": ["x"], "modality": ["image"], **dict.fromkeys(["clip_score", "lang", "perplexity"],
+                                                                              pa.nulls(1))})  # fmt: skip
+    assert [a.to_pylist() for a in verdicts(unscored, rules, {})] == [
+        ["missing_clip_score"],
+        ["no clip_score; no lang; no perplexity"],
+    ]
     assert [a.to_pylist() for a in verdicts(table.slice(0, 0), rules, {})] == [[], []]
     assert judged(rows, [Rule(signal="clip_score", top_percent=10, missing="keep", modalities=["video"])]) == {
         r["uid"]: None for r in rows
