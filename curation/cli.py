@@ -77,11 +77,39 @@ def cmd_stage(args: argparse.Namespace) -> int:
         config.stages = [s for s in config.stages if s != args.stage] + [args.stage]
     from curation.stages import get_stage
 
+    if getattr(args, "dry_run", False):  # `curation filter RUN_DIR --recipe X --dry-run`
+        return _preview_filter(run_dir, config)
     prepare = getattr(get_stage(args.stage), "prepare_rerun", None)
     if prepare is not None:  # e.g. re-filtering a finished run with another recipe
         prepare(run_dir, config, reset_later=getattr(args, "reset_later", False))
     state = Run(config, run_dir).run(address=args.address, only=[args.stage])
     _print_outputs(run_dir, state)
+    return 0
+
+
+def _preview_filter(run_dir: Path, config) -> int:
+    """Print what the filter recipe would keep of a run, from its stored scores, writing nothing."""
+    from curation.stages.base import StageContext
+    from curation.stages.filter import FilterStage
+
+    if not (run_dir / "ledger.parquet").is_file():
+        raise ConfigError([f"{run_dir}: no ledger.parquet yet; run the score stage first"])
+    stage = FilterStage(StageContext(run_dir.resolve(), config))
+    p = stage.preview()
+    recipe = p["recipe"]
+    print(f"filter preview (nothing written): recipe {recipe['name']} v{recipe['version']} ({recipe['path']})")
+    print(f"  {p['input']} records given to the filter: {p['kept']} would be kept, {p['rejected']} rejected")
+    for modality, counts in p["by_modality"].items():
+        print(f"  {modality:<6} {counts.get('kept', 0):>9} kept {counts.get('rejected', 0):>9} rejected")
+    for reason, n in p["reasons"].items():
+        print(f"  rejected as {reason}: {n}")
+    for cut in p["cuts"]:
+        print(f"  cut: {cut['signal']} {cut['value']:.4g} for {cut['modality']} ({cut['rule']})")
+    done = stage.success_path
+    if done.is_file():
+        now = json.loads(done.read_text())["summary"]
+        print(f"  now: recipe {now['recipe']['name']} v{now['recipe']['version']} keeps {now['kept']} of "
+              f"{now['input']}")  # fmt: skip
     return 0
 
 
@@ -323,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also reset stages that ran after the previous filter (format, release, ...)",
             )
+            p.add_argument("--dry-run", action="store_true",
+                           help="print what the recipe would keep and reject (per modality, per reason, and its "
+                           "percentile cuts) from the stored scores, and change nothing in the run")  # fmt: skip
         _add_set(p)
         p.set_defaults(func=cmd_stage, stage=name)
 

@@ -13,10 +13,10 @@ in seconds. Every rejected record names its failing signal and value (reason ``l
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.config import ConfigError, PipelineConfig
@@ -43,16 +43,15 @@ class FilterStage(Stage):
         # the recipe file's rules, not only its name: editing filters/x.yaml must make a finished filter stale
         return f"{super().fingerprint()}-{self.recipe().fingerprint()}"
 
-    def run(self, input_stage: str = "score") -> dict[str, Any]:
-        """Judge every record the filter is given, column-wise over the ledger's score columns (a million records
-        in seconds), and write a ledger part per crawl shard not yet done."""
-        import pyarrow as pa
+    def _judge(self, uids: pa.ChunkedArray):
+        """The recipe's verdicts on the records ``uids``, column-wise over the ledger's score columns (a million
+        records in a second or two): ``(recipe, rows, cuts, reason, detail)``, ``rows`` the ledger's uid, modality
+        and signals of those records in their order, ``reason`` and ``detail`` null for the kept ones."""
         import pyarrow.compute as pc
 
         from curation.filtering import percentile_thresholds, verdicts
 
         recipe = self.recipe()
-        records = self.kept_records(columns=["uid"])
         path = self.ctx.run_dir / "ledger.parquet"
         signals = sorted({r.signal for r in recipe.rules})
         missing = [s for s in signals if s not in pq.read_schema(path).names]
@@ -60,21 +59,39 @@ class FilterStage(Stage):
             where = {r.signal: src for r, src in zip(recipe.rules, recipe.sources)}
             raise ConfigError([f"{where[s]}: signal {s!r} was not computed in this run (is the score stage in "
                                f"`stages:`, with it in score.scorers?)" for s in missing])  # fmt: skip
-        shards = list(records)
-        uids = pa.chunked_array([c for s in shards for c in records[s].column("uid").chunks], pa.string())
         ledger = pq.read_table(path, columns=["uid", "modality", *signals])
-        # the ledger's rows of the records given, in shard order (each is there: the ledger holds every input)
         rows = ledger.take(pc.index_in(uids, value_set=ledger.column("uid")))
-        if rows.column("uid").null_count:
+        if rows.column("uid").null_count:  # the ledger holds every input record
             raise LedgerError(f"{path}: {rows.column('uid').null_count} records the filter was given are not in it")
         cuts = percentile_thresholds(recipe.rules, rows)
-        write_json(self.dir / "recipe.json", {**recipe.to_dict(), "cuts": [
-            {"rule": recipe.sources[i], "modality": m, "signal": recipe.rules[i].signal, "value": v}
-            for (i, m), v in sorted(cuts.items())]})  # fmt: skip
-        reason, detail = verdicts(rows, recipe.rules, cuts)
+        return (recipe, rows, cuts, *verdicts(rows, recipe.rules, cuts))
+
+    def preview(self) -> dict[str, Any]:
+        """What the recipe would decide for the records this run's filter is given (those no stage before it
+        rejected), as :meth:`run` decides, without writing anything: the summary :meth:`run` returns, with the
+        percentile cuts. For trying thresholds on a finished run (``curation filter RUN_DIR --dry-run``)."""
+        import pyarrow.compute as pc
+
+        ledger = pq.read_table(self.ctx.run_dir / "ledger.parquet", columns=["uid", "status", "stage"])
+        stages = self.config.stages
+        after = stages[stages.index(self.name) :] if self.name in stages else []  # the filter and later stages
+        rejected_after = pc.fill_null(pc.is_in(ledger.column("stage"), value_set=pa.array(after, pa.string())), False)
+        given = ledger.filter(pc.or_(pc.equal(ledger.column("status"), "kept"), rejected_after))
+        recipe, rows, cuts, reason, _ = self._judge(given.column("uid"))
+        summary = self._summary(recipe, rows.select(["modality"]).append_column("reason", reason))
+        return {**summary, "cuts": self._cuts(recipe, cuts)}
+
+    def run(self, input_stage: str = "score") -> dict[str, Any]:
+        """Judge every record the filter is given (:meth:`_judge`) and write a ledger part per crawl shard not
+        yet done."""
+        import pyarrow.compute as pc
+
+        records = self.kept_records(columns=["uid"])
+        shards = list(records)
+        uids = pa.chunked_array([c for s in shards for c in records[s].column("uid").chunks], pa.string())
+        recipe, rows, cuts, reason, detail = self._judge(uids)  # in shard order
+        write_json(self.dir / "recipe.json", {**recipe.to_dict(), "cuts": self._cuts(recipe, cuts)})
         status = pc.if_else(pc.is_null(reason), "kept", "rejected")
-        totals: Counter = Counter()
-        reasons: Counter = Counter()
         start = 0
         for shard in shards:
             n = records[shard].num_rows
@@ -83,30 +100,45 @@ class FilterStage(Stage):
                                  "stage": pa.array([self.name] * n, pa.string()), "reason": reason.slice(start, n),
                                  "detail": detail.slice(start, n), "dup_of": pa.nulls(n, pa.string())})  # fmt: skip
                 write_part(self.ledger_path(shard), part)
-                counts = {c["values"]: c["counts"] for c in pc.value_counts(reason.slice(start, n)).to_pylist()
-                          if c["values"] is not None}  # fmt: skip
-                rejected = sum(counts.values())
+                reasons = _counts(reason.slice(start, n))
+                rejected = sum(reasons.values())
                 self.mark_shard_done(shard, {"input": n, "kept": n - rejected, "rejected": rejected,
-                                             "reasons": dict(sorted(counts.items()))})  # fmt: skip
+                                             "reasons": reasons})  # fmt: skip
             start += n
-            s = read_json(self.done_path(shard))
-            totals.update({k: s[k] for k in ("input", "kept", "rejected")})
-            reasons.update(s["reasons"])
-        # per modality from the parts on disk (a resumed run's earlier shards included)
-        by_modality: dict[str, dict[str, int]] = {}
+        # from the parts on disk, a resumed run's earlier shards included
         files = sorted((self.dir / "ledger").glob("*.parquet"))
-        if files:
-            parts = pa.concat_tables([pq.read_table(f, columns=["uid", "status"]) for f in files])
-            at = pc.index_in(parts.column("uid"), value_set=rows.column("uid"))
-            parts = parts.append_column("modality", rows.column("modality").take(at))
-            for c in parts.group_by(["modality", "status"]).aggregate([([], "count_all")]).to_pylist():
-                by_modality.setdefault(c["modality"], {})[c["status"]] = c["count_all"]
-        log.info("filter: recipe %s v%d: %d kept, %d rejected %s", recipe.name, recipe.version, totals["kept"],
-                 totals["rejected"], dict(reasons))  # fmt: skip
-        return {**{k: totals[k] for k in ("input", "kept", "rejected")}, "reasons": dict(sorted(reasons.items())),
+        empty = pa.table({"uid": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+        parts = pa.concat_tables([empty, *(pq.read_table(f, columns=["uid", "reason"]) for f in files)])
+        at = pc.index_in(parts.column("uid"), value_set=rows.column("uid"))
+        summary = self._summary(recipe, pa.table({"modality": rows.column("modality").take(at),
+                                                  "reason": parts.column("reason")}))  # fmt: skip
+        log.info("filter: recipe %s v%d: %d kept, %d rejected %s", recipe.name, recipe.version, summary["kept"],
+                 summary["rejected"], summary["reasons"])  # fmt: skip
+        return summary
+
+    @staticmethod
+    def _summary(recipe, decided: pa.Table) -> dict[str, Any]:
+        """The stage's summary from the records' ``modality`` and ``reason`` (null: kept)."""
+        import pyarrow.compute as pc
+
+        reason = decided.column("reason")
+        status = pc.if_else(pc.is_null(reason), "kept", "rejected")
+        by_modality: dict[str, dict[str, int]] = {}
+        grouped = decided.select(["modality"]).append_column("status", status).group_by(["modality", "status"])
+        for c in grouped.aggregate([([], "count_all")]).to_pylist():
+            by_modality.setdefault(c["modality"], {})[c["status"]] = c["count_all"]
+        rejected = len(reason) - reason.null_count
+        return {"input": len(reason), "kept": len(reason) - rejected, "rejected": rejected,
+                "reasons": _counts(reason),
                 "recipe": {"name": recipe.name, "version": recipe.version, "path": recipe.path,
                            "fingerprint": recipe.fingerprint()},
                 "by_modality": {m: dict(sorted(c.items())) for m, c in sorted(by_modality.items())}}  # fmt: skip
+
+    @staticmethod
+    def _cuts(recipe, cuts: dict) -> list[dict[str, Any]]:
+        """The percentile cuts as ``recipe.json`` lists them: the rule (its file and index), modality and value."""
+        return [{"rule": recipe.sources[i], "modality": m, "signal": recipe.rules[i].signal, "value": v}
+                for (i, m), v in sorted(cuts.items())]  # fmt: skip
 
     @classmethod
     def prepare_rerun(cls, run_dir: Path, config: PipelineConfig, reset_later: bool = False) -> None:
@@ -131,3 +163,10 @@ class FilterStage(Stage):
             shutil.rmtree(stage.ctx.run_dir / name)
         log.info("filter: re-filtering %s with recipe %s", run_dir, config.filter.recipe)
         shutil.rmtree(stage.dir)
+
+
+def _counts(reason: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """Rejects a reason, sorted by reason."""
+    import pyarrow.compute as pc
+
+    return dict(sorted((c["values"], c["counts"]) for c in pc.value_counts(reason.drop_null()).to_pylist()))

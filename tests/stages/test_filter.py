@@ -198,6 +198,12 @@ def test_refilter_from_stored_scores_in_seconds_without_models(scored_run, tmp_p
         raise AssertionError("re-filtering must not start Ray")
 
     monkeypatch.setattr(curation.runner, "init_ray", no_ray)
+    # a dry run first: it prints what the recipe would keep and changes nothing
+    files = {f: f.read_bytes() for f in sorted(run_dir.rglob("*")) if f.is_file()}
+    capsys.readouterr()
+    assert main(["filter", str(run_dir), "--recipe", "datacomp", "--dry-run"]) == 0
+    preview = capsys.readouterr().out
+    assert {f: f.read_bytes() for f in sorted(run_dir.rglob("*")) if f.is_file()} == files
     started = time.time()
     assert main(["filter", str(run_dir), "--recipe", str(ROOT / "filters" / "datacomp.yaml")]) == 0
     assert time.time() - started < 30
@@ -207,6 +213,10 @@ def test_refilter_from_stored_scores_in_seconds_without_models(scored_run, tmp_p
         mine = [r for r in scored if r["modality"] == modality]
         kept = sum(r["status"] == "kept" for r in mine)
         assert 0.3 * len(mine) <= kept <= 0.3 * len(mine) + 3, (modality, kept, len(mine))
+    given = [r for r in after if r["status"] == "kept" or r["stage"] == "filter"]
+    kept = sum(r["status"] == "kept" for r in given)
+    assert f"{len(given)} records given to the filter: {kept} would be kept, {len(given) - kept} rejected" in preview
+    assert "cut: clip_score" in preview and "now: recipe default v1" in preview, preview
     # scores are untouched: only decisions changed
     assert [r["clip_score"] for r in after] == [r["clip_score"] for r in before]
     run_json = json.loads((run_dir / "run.json").read_text())
