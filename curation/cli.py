@@ -77,8 +77,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         config.stages = [s for s in config.stages if s != args.stage] + [args.stage]
     from curation.stages import get_stage
 
+    if getattr(args, "json", False) and not getattr(args, "dry_run", False):
+        raise ConfigError(["--json: only with --dry-run"])
     if getattr(args, "dry_run", False):  # `curation filter RUN_DIR --recipe X --dry-run`
-        return _preview_filter(run_dir, config)
+        return _preview_filter(run_dir, config, as_json=args.json)
     prepare = getattr(get_stage(args.stage), "prepare_rerun", None)
     if prepare is not None:  # e.g. re-filtering a finished run with another recipe
         prepare(run_dir, config, reset_later=getattr(args, "reset_later", False))
@@ -87,8 +89,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preview_filter(run_dir: Path, config) -> int:
-    """Print what the filter recipe would keep of a run, from its stored scores, writing nothing."""
+def _preview_filter(run_dir: Path, config, as_json: bool = False) -> int:
+    """Print what the filter recipe would keep of a run, from its stored scores, writing nothing (``as_json``: as
+    one JSON object, :meth:`FilterStage.preview`'s)."""
     from curation.stages.base import StageContext
     from curation.stages.filter import FilterStage
 
@@ -96,6 +99,9 @@ def _preview_filter(run_dir: Path, config) -> int:
         raise ConfigError([f"{run_dir}: no ledger.parquet yet; run the score stage first"])
     stage = FilterStage(StageContext(run_dir.resolve(), config))
     p = stage.preview()
+    if as_json:
+        print(json.dumps(p, indent=2))
+        return 0
     recipe = p["recipe"]
     print(f"filter preview (nothing written): recipe {recipe['name']} v{recipe['version']} ({recipe['path']})")
     print(f"  {p['input']} records given to the filter: {p['kept']} would be kept, {p['rejected']} rejected")
@@ -354,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true",
                            help="print what the recipe would keep and reject (per modality, per reason, and its "
                            "percentile cuts) from the stored scores, and change nothing in the run")  # fmt: skip
+            p.add_argument("--json", action="store_true", help="with --dry-run: print it as one JSON object")
         _add_set(p)
         p.set_defaults(func=cmd_stage, stage=name)
 

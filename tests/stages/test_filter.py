@@ -203,6 +203,8 @@ def test_refilter_from_stored_scores_in_seconds_without_models(scored_run, tmp_p
     capsys.readouterr()
     assert main(["filter", str(run_dir), "--recipe", "datacomp", "--dry-run"]) == 0
     preview = capsys.readouterr().out
+    assert main(["filter", str(run_dir), "--recipe", "datacomp", "--dry-run", "--json"]) == 0
+    preview_json = json.loads(capsys.readouterr().out)
     assert {f: f.read_bytes() for f in sorted(run_dir.rglob("*")) if f.is_file()} == files
     started = time.time()
     assert main(["filter", str(run_dir), "--recipe", str(ROOT / "filters" / "datacomp.yaml")]) == 0
@@ -217,6 +219,11 @@ def test_refilter_from_stored_scores_in_seconds_without_models(scored_run, tmp_p
     kept = sum(r["status"] == "kept" for r in given)
     assert f"{len(given)} records given to the filter: {kept} would be kept, {len(given) - kept} rejected" in preview
     assert "cut: clip_score" in preview and "now: recipe default v1" in preview, preview
+    by_modality = {
+        m: sum(r["status"] == "kept" for r in given if r["modality"] == m) for m in ("image", "video", "audio")
+    }
+    assert {m: c["kept"] for m, c in preview_json["by_modality"].items()} == by_modality
+    assert preview_json["recipe"]["name"] == "datacomp" and len(preview_json["cuts"]) == 3
     # scores are untouched: only decisions changed
     assert [r["clip_score"] for r in after] == [r["clip_score"] for r in before]
     run_json = json.loads((run_dir / "run.json").read_text())
