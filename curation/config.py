@@ -362,6 +362,9 @@ class FormatConfig:
             positions -100), so training never re-tokenizes.
         max_tokens: with a tokenizer, longer instruction samples are rejected as ``too_many_tokens``.
         system_prompt: system line of the ``vicuna_v1`` chat template used for pre-tokenizing; ``None``: LLaVA's.
+        parallelism: crawl shards formatted at once (Ray tasks); ``None``: the cluster's CPUs / ``num_cpus``; 1
+            formats them one after another in the driver, as do runs with under 10,000 records to format.
+        num_cpus: CPUs one shard-formatting task reserves in Ray (tokenizing keeps a core busy).
     """
 
     generators: list[str] = field(default_factory=lambda: ["caption", "metadata_qa", "multi_turn"])
@@ -369,6 +372,8 @@ class FormatConfig:
     tokenizer: str | None = None
     max_tokens: int | None = None
     system_prompt: str | None = None
+    parallelism: int | None = None
+    num_cpus: float = 1.0
 
     def validate(self) -> list[str]:
         from curation.instruct.generators import GENERATORS
@@ -385,6 +390,10 @@ class FormatConfig:
             problems.append("max_tokens: needs format.tokenizer (tokens are counted with it)")
         if self.tokenizer is not None and "://" in self.tokenizer:
             problems.append(f"tokenizer: {self.tokenizer!r} must be a local folder (nothing is downloaded)")
+        if self.parallelism is not None and self.parallelism < 1:
+            problems.append(f"parallelism: must be >= 1 or null, got {self.parallelism}")
+        if self.num_cpus <= 0:
+            problems.append(f"num_cpus: must be > 0, got {self.num_cpus}")
         return problems
 
 
@@ -627,10 +636,13 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def section_fingerprint(self, *sections: str) -> str:
-        """A short hash of some config sections: a completed stage records it, so a resumed run can tell
-        whether the stage's settings changed since."""
+    def section_fingerprint(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
+        """A short hash of some config sections, less their keys named in ``exclude``: a completed stage records
+        it, so a resumed run can tell whether the stage's settings changed since."""
         data = {s: self.to_dict()[s] for s in sections}
+        data = {
+            s: {k: v for k, v in d.items() if k not in exclude} if isinstance(d, dict) else d for s, d in data.items()
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

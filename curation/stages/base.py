@@ -9,8 +9,10 @@ counts. The runner writes ``RUN_DIR/<stage>/_SUCCESS.json`` when the whole stage
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,6 +24,50 @@ if TYPE_CHECKING:
 from curation.fsutil import atomic_path, read_json, write_json  # noqa: F401  (re-exported for stages)
 
 log = logging.getLogger("curation")
+
+
+def map_shards(
+    fn: Callable[..., dict[str, Any]],
+    items: list[dict[str, Any]],
+    num_cpus: float,
+    parallelism: int | None = None,
+    **kwargs: Any,
+) -> Iterator[dict[str, Any]]:
+    """Run ``fn(**item, **kwargs)`` for every item, one Ray task an item, and yield each summary ``fn`` returns
+    (a JSON-able dict) as its task finishes.
+
+    Args:
+        fn: the work of one shard; it writes its own outputs and done marker, so a killed run keeps what finished.
+        items: one dict of plain values (str, bytes, numbers) a task.
+        num_cpus: CPUs a task reserves in Ray.
+        parallelism: tasks at once; ``None``: the cluster's CPUs / ``num_cpus``.
+        kwargs: passed to every call (pickled once into the task function).
+    """
+    import ray
+
+    if not items:
+        return
+    if parallelism is None:
+        parallelism = max(1, int(int(ray.cluster_resources().get("CPU", 1)) / num_cpus))
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _run_items,
+        fn_kwargs={"fn": fn, "kwargs": kwargs},
+        batch_size=1,
+        num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=min(parallelism, len(items))),
+    )
+    for row in ds.iter_rows():
+        yield json.loads(row["summary"])
+
+
+def _run_items(batch: dict[str, Any], fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data batch function of :func:`map_shards`: ``fn`` over each row of ``batch``."""
+    keys = list(batch)
+    out = []
+    for i in range(len(batch[keys[0]])):
+        item = {k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i] for k in keys}
+        out.append(json.dumps(fn(**item, **kwargs)))
+    return {"summary": out}
 
 
 @dataclass
@@ -49,6 +95,9 @@ class Stage:
     config_sections: ClassVar[tuple[str, ...]] = ()
     help: ClassVar[str] = ""
     needs_ray: ClassVar[bool] = True  # False: runs in the driver alone, so a run of only such stages starts no Ray
+    # keys of the stage's config sections that set where and how fast it runs, not what it writes: changing them
+    # does not make a completed stage stale
+    execution_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -115,4 +164,4 @@ class Stage:
         return media
 
     def fingerprint(self) -> str:
-        return self.config.section_fingerprint("input", *self.config_sections)
+        return self.config.section_fingerprint("input", *self.config_sections, exclude=self.execution_keys)

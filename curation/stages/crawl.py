@@ -33,7 +33,7 @@ from curation.config import CrawlConfig
 from curation.fsutil import atomic_path
 from curation.ledger import kept_row, rejected_row, write_part
 from curation.schemas import RECORD_SCHEMA
-from curation.stages.base import Stage, log
+from curation.stages.base import Stage, log, map_shards
 
 # fixed tar member mtime: the same input gives byte-identical shards (an int: a float adds a PAX header a member)
 TAR_MTIME = 946684800
@@ -233,16 +233,13 @@ def crawl_shard(shard: str, input_path: str, out_dir: str, cfg: CrawlConfig) -> 
     return summary
 
 
-def _crawl_batch(batch: dict[str, Any], out_dir: str, cfg: CrawlConfig) -> dict[str, Any]:
-    """Ray Data batch function: crawl the shards named in ``batch`` and write their done markers."""
+def _crawl_task(shard: str, path: str, out_dir: str, cfg: CrawlConfig) -> dict[str, Any]:
+    """One Ray task of :func:`map_shards`: crawl a shard and write its done marker."""
     from curation.fsutil import write_json
 
-    summaries = []
-    for shard, path in zip(batch["shard"], batch["path"]):
-        summary = crawl_shard(str(shard), str(path), out_dir, cfg)
-        write_json(Path(out_dir) / "done" / f"{shard}.json", {**summary, "shard": str(shard)})
-        summaries.append(json.dumps({**summary, "shard": str(shard)}))
-    return {"summary": summaries}
+    summary = {**crawl_shard(shard, path, out_dir, cfg), "shard": shard}
+    write_json(Path(out_dir) / "done" / f"{shard}.json", summary)
+    return summary
 
 
 class CrawlStage(Stage):
@@ -254,35 +251,23 @@ class CrawlStage(Stage):
     help = "download (or read) media, probe and hash it, write webdataset shards"
 
     def run(self, input_stage: str = "input") -> dict[str, Any]:
-        import ray
-
         cfg = self.config.crawl
         shard_files = sorted((self.ctx.run_dir / "input" / "records").glob("*.parquet"))
         pending = [p for p in shard_files if not self.is_shard_done(p.stem)]
         log.info("crawl: %d shards, %d already complete", len(shard_files), len(shard_files) - len(pending))
-        if pending:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            parallelism = cfg.parallelism or max(1, int(cpus / cfg.num_cpus))
-            items = [{"shard": p.stem, "path": str(p)} for p in pending]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _crawl_batch,
-                fn_kwargs={"out_dir": str(self.dir), "cfg": cfg},
-                batch_size=1,
-                num_cpus=cfg.num_cpus,
-                compute=ray.data.TaskPoolStrategy(size=min(parallelism, len(items))),
+        items = [{"shard": p.stem, "path": str(p)} for p in pending]
+        summaries = map_shards(_crawl_task, items, cfg.num_cpus, cfg.parallelism, out_dir=str(self.dir), cfg=cfg)
+        for done, s in enumerate(summaries, 1):
+            log.info(
+                "crawl: shard %s done (%d/%d): %d kept, %d rejected %s in %.1f s",
+                s["shard"],
+                done,
+                len(pending),
+                s["kept"],
+                s["rejected"],
+                s["reasons"] or "",
+                s["seconds"],
             )
-            for done, row in enumerate(ds.iter_rows(), 1):
-                s = json.loads(row["summary"])
-                log.info(
-                    "crawl: shard %s done (%d/%d): %d kept, %d rejected %s in %.1f s",
-                    s["shard"],
-                    done,
-                    len(pending),
-                    s["kept"],
-                    s["rejected"],
-                    s["reasons"] or "",
-                    s["seconds"],
-                )
         totals: Counter = Counter()
         reasons: Counter = Counter()
         for p in shard_files:

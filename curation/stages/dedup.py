@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from curation.config import DedupConfig
 from curation.fsutil import atomic_path
 from curation.ledger import kept_row, rejected_row, write_part
-from curation.stages.base import Stage, log
+from curation.stages.base import Stage, log, map_shards
 
 FINGERPRINT_SCHEMA = pa.schema(
     [
@@ -123,25 +123,21 @@ def fingerprint_records(records: list[dict[str, Any]], media: dict[str, bytes], 
     return pa.Table.from_pylist(rows, schema=FINGERPRINT_SCHEMA)
 
 
-def _fingerprint_batch(batch: dict[str, Any], stage: DedupStage) -> dict[str, Any]:
-    """Ray Data batch function: fingerprint the crawl shards named in ``batch`` and mark them done."""
-    out = []
-    for shard in batch["shard"]:
-        shard = str(shard)
-        started = time.time()
-        records = pq.read_table(stage.ctx.run_dir / "crawl" / "shards" / f"{shard}.parquet").to_pylist()
-        table = fingerprint_records(records, stage.read_media(shard), stage.config.dedup)
-        with atomic_path(stage.fingerprint_path(shard)) as tmp:
-            pq.write_table(table, tmp)
-        summary = {
-            "records": table.num_rows,
-            "unfingerprinted": table.num_rows - table.column("fingerprint_error").null_count,
-            "settings": fingerprint_settings(stage.config.dedup),
-            "seconds": round(time.time() - started, 3),
-        }
-        stage.mark_shard_done(shard, summary)
-        out.append(json.dumps({**summary, "shard": shard}))
-    return {"summary": out}
+def _fingerprint_task(shard: str, stage: DedupStage) -> dict[str, Any]:
+    """One Ray task of :func:`map_shards`: fingerprint a crawl shard and mark it done."""
+    started = time.time()
+    records = pq.read_table(stage.ctx.run_dir / "crawl" / "shards" / f"{shard}.parquet").to_pylist()
+    table = fingerprint_records(records, stage.read_media(shard), stage.config.dedup)
+    with atomic_path(stage.fingerprint_path(shard)) as tmp:
+        pq.write_table(table, tmp)
+    summary = {
+        "records": table.num_rows,
+        "unfingerprinted": table.num_rows - table.column("fingerprint_error").null_count,
+        "settings": fingerprint_settings(stage.config.dedup),
+        "seconds": round(time.time() - started, 3),
+    }
+    stage.mark_shard_done(shard, summary)
+    return {**summary, "shard": shard}
 
 
 class _Decisions:
@@ -186,24 +182,12 @@ class DedupStage(Stage):
         return json.loads(self.done_path(shard).read_text()).get("settings") == fingerprint_settings(self.config.dedup)
 
     def fingerprint_shards(self, shards: list[str]) -> None:
-        import ray
-
         cfg = self.config.dedup
         pending = [s for s in shards if not self._shard_current(s)]
         log.info("dedup: fingerprints for %d shards, %d already complete", len(shards), len(shards) - len(pending))
-        if not pending:
-            return
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        parallelism = cfg.parallelism or max(1, int(cpus / cfg.num_cpus))
-        ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending)).map_batches(
-            _fingerprint_batch,
-            fn_kwargs={"stage": self},
-            batch_size=1,
-            num_cpus=cfg.num_cpus,
-            compute=ray.data.TaskPoolStrategy(size=min(parallelism, len(pending))),
-        )
-        for done, row in enumerate(ds.iter_rows(), 1):
-            s = json.loads(row["summary"])
+        items = [{"shard": s} for s in pending]
+        summaries = map_shards(_fingerprint_task, items, cfg.num_cpus, cfg.parallelism, stage=self)
+        for done, s in enumerate(summaries, 1):
             log.info("dedup: fingerprinted shard %s (%d/%d): %d records in %.1f s", s["shard"], done, len(pending),
                      s["records"], s["seconds"])  # fmt: skip
 

@@ -34,21 +34,18 @@ from curation.release import card, exports
 from curation.release import manifest as manifests
 from curation.release.shards import INDEX_SCHEMA, ShardPlan, WebDatasetShardWriter, dumps, index_schema, plan_release
 from curation.schemas import SCHEMA_DIR
-from curation.stages.base import Stage, log
+from curation.stages.base import Stage, log, map_shards
 
 # where a release is published and how many tasks write it do not change what the release is
 EXECUTION_KEYS = ("out", "storage_options", "parallelism", "num_cpus")
 
 
-def _write_batch(batch: dict[str, Any], run_dir: str, release_dir: str, export_media: bool, scores: list[str]):
-    """Ray Data batch function: write the release shards named in ``batch`` and their done markers."""
+def _write_task(shard: str, crawl_shards: str, run_dir: str, release_dir: str, export_media: bool, scores: list[str]):
+    """One Ray task of :func:`map_shards`: write a release shard and its done marker."""
     writer = WebDatasetShardWriter(Path(run_dir), Path(release_dir), export_media)
-    out = []
-    for shard, crawl_shards in zip(batch["shard"], batch["crawl_shards"]):
-        summary = {**writer.write(str(shard), json.loads(crawl_shards), scores), "shard": str(shard)}
-        write_json(Path(release_dir) / "done" / f"{shard}.json", summary)
-        out.append(json.dumps(summary))
-    return {"summary": out}
+    summary = {**writer.write(shard, json.loads(crawl_shards), scores), "shard": shard}
+    write_json(Path(release_dir) / "done" / f"{shard}.json", summary)
+    return summary
 
 
 class ReleaseStage(Stage):
@@ -211,25 +208,10 @@ class ReleaseStage(Stage):
                 write_json(self.done_path(plan.name), {**summary, "shard": plan.name})
                 log.info("release: shard %s: %d samples, %d bytes", plan.name, summary["samples"], summary["size"])
             return
-        import ray
-
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        parallelism = cfg.parallelism or max(1, int(cpus / cfg.num_cpus))
         items = [{"shard": p.name, "crawl_shards": json.dumps(p.crawl_shards)} for p in pending]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _write_batch,
-            fn_kwargs={
-                "run_dir": str(self.ctx.run_dir),
-                "release_dir": str(self.dir),
-                "export_media": export_media,
-                "scores": score_columns,
-            },
-            batch_size=1,
-            num_cpus=cfg.num_cpus,
-            compute=ray.data.TaskPoolStrategy(size=min(parallelism, len(items))),
-        )
-        for n, row in enumerate(ds.iter_rows(), 1):
-            s = json.loads(row["summary"])
+        summaries = map_shards(_write_task, items, cfg.num_cpus, cfg.parallelism, run_dir=str(self.ctx.run_dir),
+                               release_dir=str(self.dir), export_media=export_media, scores=score_columns)  # fmt: skip
+        for n, s in enumerate(summaries, 1):
             log.info("release: shard %s (%d/%d): %d samples, %d bytes", s["shard"], n, len(pending), s["samples"],
                      s["size"])  # fmt: skip
 
