@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pyarrow.parquet as pq
 import pytest
 from crawled_runs import crawl_by_hand, make_config, png, tiny_tokenizer, write_media_folder
@@ -21,9 +24,8 @@ from curation.instruct.templates import BRIEF, CAPTION
 from curation.ledger import assemble_ledger
 from curation.release.shards import build_sample
 from curation.schemas import validate
+from curation.stages.base import StageContext
 from curation.stages.format import FormatStage
-
-pytestmark = pytest.mark.quick
 
 IMAGE = {"uid": "0123456789abcdef", "modality": "image", "caption": "a red circle on grey", "width": 640, "height": 480}
 VIDEO = {"uid": "00000000000000aa", "modality": "video", "caption": "a blue square moves", "width": 64, "height": 48,
@@ -42,6 +44,7 @@ def formatted_run(tmp_path, **format_cfg):
     return run.run_dir, summary, counts
 
 
+@pytest.mark.quick
 def test_pools_and_registry():
     assert set(GENERATORS) >= {"caption", "metadata_qa", "multi_turn"}
     for pool in (BRIEF, CAPTION):
@@ -51,6 +54,7 @@ def test_pools_and_registry():
             assert not any("<" in t for t in templates)
 
 
+@pytest.mark.quick
 def test_picks_are_deterministic_and_varied():
     first = [pretrain_conversation({**IMAGE, "uid": f"{i:016x}"}) for i in range(60)]
     again = [pretrain_conversation({**IMAGE, "uid": f"{i:016x}"}) for i in range(60)]
@@ -60,6 +64,7 @@ def test_picks_are_deterministic_and_varied():
     assert names == set(GENERATORS)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("record", [IMAGE, VIDEO, AUDIO], ids=lambda r: r["modality"])
 def test_media_token_leads_the_first_human_turn_exactly_once(record):
     for generators in (["caption"], ["metadata_qa"], ["multi_turn"]):
@@ -73,6 +78,7 @@ def test_media_token_leads_the_first_human_turn_exactly_once(record):
     assert len(instruction_conversation(record, ["multi_turn"])[1]) >= 4
 
 
+@pytest.mark.quick
 def test_metadata_questions_are_answered_from_the_record():
     def answers(record):
         return {q: a for q, a in _all_qa(record)}
@@ -99,6 +105,7 @@ def _all_qa(record):
     return metadata_pairs(record, "0")
 
 
+@pytest.mark.quick
 def test_a_second_media_token_is_a_mismatch():
     turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "an <image> tag"}]
     assert "2 <image> tokens" in media_token_problem("image", turns)
@@ -108,6 +115,7 @@ def test_a_second_media_token_is_a_mismatch():
     assert "not at the start" in media_token_problem("image", turns)
 
 
+@pytest.mark.quick
 def test_stage_accounts_for_every_record_and_rejects_the_token_in_a_caption(tmp_path):
     run_dir, summary, counts = formatted_run(tmp_path)
     assert summary["input"] == summary["kept"] + summary["rejected"] == 11
@@ -126,6 +134,7 @@ def test_stage_accounts_for_every_record_and_rejects_the_token_in_a_caption(tmp_
         assert row["input_ids"] is None
 
 
+@pytest.mark.quick
 def test_pretokenized_with_a_local_tokenizer(tmp_path):
     path = tiny_tokenizer(tmp_path / "tok")
     run_dir, summary, _ = formatted_run(tmp_path, tokenizer=path)
@@ -155,6 +164,61 @@ def test_pretokenized_with_a_local_tokenizer(tmp_path):
     assert counts2["input"] == counts2["kept"] + counts2["rejected"]
 
 
+@pytest.mark.quick
+def test_token_ids_are_transformers_own(tmp_path):
+    """The Rust backend called directly gives the ids transformers' ``encode`` gives, also for a backend left
+    truncating and padding, and for text that spells special tokens."""
+    from curation.instruct.tokenize import _encoder
+    from curation.models.text import minilm_path
+
+    texts = ["USER : what is shown in this image ? ASSISTANT :", "a noisy square </s> picture <s> [PAD]",
+             "Ünïcode  spaces\tand\nnewlines " * 30, ""]  # fmt: skip
+    for path in (tiny_tokenizer(tmp_path / "tok"), str(minilm_path())):
+        tok = load_tokenizer(path)
+        expected = [tok.encode(t, add_special_tokens=False) for t in texts]
+        assert max(map(len, expected)) > 20
+        tok.backend_tokenizer.enable_truncation(4)
+        tok.backend_tokenizer.enable_padding(length=64)
+        assert [_encoder(tok)(t) for t in texts] == expected
+
+
+@pytest.mark.slow
+def test_shards_formatted_as_ray_tasks_equal_the_driver_s(tmp_path, ray_session, caplog, monkeypatch):
+    monkeypatch.setattr("curation.stages.format.TASKS_FROM_RECORDS", 1)  # tasks for the 11 records here
+    path = tiny_tokenizer(tmp_path / "tok")
+    outputs = {}
+    for parallelism in (1, None):  # the driver alone; a Ray task a shard, two at once
+        with caplog.at_level(logging.INFO, logger="curation"):
+            run_dir, summary, counts = formatted_run(tmp_path / f"p{parallelism}", tokenizer=path,
+                                                     parallelism=parallelism)  # fmt: skip
+        files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in (run_dir / "format").rglob("*.parquet")}
+        done = {
+            p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "finished"}
+            for p in (run_dir / "format" / "done").glob("*.json")
+        }
+        outputs[parallelism] = summary, counts, files, done
+    tasks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("format: shard")]
+    assert len(tasks) == 3 and tasks[-1].startswith("format: shard") and "(3/3)" in tasks[-1]
+    assert len(outputs[1][3]) == 3 and len(outputs[1][2]) == 6  # three crawl shards: samples and ledger parts
+    assert outputs[None] == outputs[1]
+
+
+@pytest.mark.quick
+def test_how_it_runs_is_not_what_it_writes(tmp_path):
+    """format.parallelism and num_cpus leave a completed stage current; its other keys make it stale."""
+    base = {"input": {"path": "x"}, "stages": ["crawl", "format"]}
+
+    def fingerprint(**format_cfg):
+        return FormatStage(StageContext(tmp_path, load_config(data={**base, "format": format_cfg}))).fingerprint()
+
+    assert fingerprint() == fingerprint(parallelism=1, num_cpus=0.5)
+    assert fingerprint() != fingerprint(seed=1)
+    with pytest.raises(ConfigError) as err:
+        load_config(data={**base, "format": {"parallelism": 0, "num_cpus": 0}})
+    assert "format.parallelism" in str(err.value) and "format.num_cpus" in str(err.value)
+
+
+@pytest.mark.quick
 def test_tokenizers_are_local_only(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_tokenizer("some-org/some-model")
