@@ -1,7 +1,9 @@
 """Planning and writing the webdataset shards of a release.
 
-The plan is made once, on the driver, from metadata alone: every released sample in a fixed order (crawl shard,
-then record order), its ``.json``/``.txt`` members rendered, and its shard assigned. Samples are grouped into
+The plan is made once, from metadata alone, in two steps: every kept record's ``.json`` member is rendered, a crawl
+shard at a time in any order (:func:`render_samples`, in Ray tasks when there are many); then, on the driver,
+every sample is assigned its shard in a fixed order, crawl shard by crawl shard, then record order
+(:func:`assign_shards`). Samples are grouped into
 shard *series* by modality and file type (``image-jpg-000000.tar``, ``audio-wav-000000.tar``), because readers
 that infer one schema per dataset (HF datasets' webdataset loader) need every sample of a shard to have the same
 members. A series' shard is closed at ``max_shard_samples`` or ``max_shard_bytes``, whichever comes first.
@@ -16,6 +18,7 @@ import hashlib
 import json
 import tarfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,34 +109,56 @@ class ShardPlan:
         return self.hasher.hexdigest()
 
 
-def plan_release(
-    records: dict[str, pa.Table],
-    formatted_dir: Path,
-    scores: dict[str, dict[str, Any]],
-    plan_dir: Path,
-    max_samples: int,
-    max_bytes: int,
-) -> dict[str, ShardPlan]:
-    """Assign every kept record to a release shard and write the plan rows, one parquet per crawl shard.
+RENDERED_SCHEMA = pa.schema([f for f in PLAN_SCHEMA if f.name != "shard"])
 
-    Returns the shard plans by shard name, sorted. Raises RuntimeError when a kept record has no formatted
-    sample (the format stage keeps or rejects every record it is given, so that is a bug).
-    """
+
+def render_samples(
+    crawl_shard: str, records: pa.Table, formatted_path: Path, scores: pa.Table | None = None
+) -> pa.Table:
+    """The plan rows of one crawl shard's kept ``records``, less their release shard (:data:`RENDERED_SCHEMA`):
+    each sample's ``.json`` member rendered from its formatted sample and its ``scores`` (a table of ``uid`` and
+    score columns). This is the per-record part of planning, done a crawl shard at a time, in any order.
+
+    Raises RuntimeError when a kept record has no formatted sample (the format stage keeps or rejects every record
+    it is given, so that is a bug)."""
+    formatted = {r["uid"]: r for r in pq.read_table(formatted_path).to_pylist()} if formatted_path.is_file() else {}
+    by_uid = {row.pop("uid"): row for row in scores.to_pylist()} if scores is not None else {}
+    rows = []
+    for record in records.to_pylist():
+        f = formatted.get(record["uid"])
+        if f is None:
+            raise RuntimeError(f"release: kept record {record['uid']} has no formatted sample in {formatted_path}")
+        rows.append(
+            {
+                "key": record["uid"],
+                "crawl_shard": crawl_shard,
+                "modality": record["modality"],
+                "ext": record["ext"],
+                "sha256": record["sha256"],
+                "num_bytes": record["num_bytes"],
+                "caption": record["caption"],
+                "generator": f["generator"],
+                "sample_json": dumps(build_sample(record, f, by_uid.get(record["uid"]))),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=RENDERED_SCHEMA)
+
+
+def assign_shards(
+    rendered: Iterable[tuple[str, pa.Table]], plan_dir: Path, max_samples: int, max_bytes: int
+) -> dict[str, ShardPlan]:
+    """Assign every rendered sample to a release shard, in order (crawl shard by crawl shard, as given, then
+    record order), and write the plan rows, one parquet per crawl shard. Returns the shard plans by name,
+    sorted."""
     shards: dict[str, ShardPlan] = {}
     open_shard: dict[str, ShardPlan] = {}  # series -> the shard being filled
     series_count: Counter = Counter()
-    for crawl_shard, table in sorted(records.items()):
-        path = formatted_dir / f"{crawl_shard}.parquet"
-        formatted = {r["uid"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
-        rows = []
-        for record in table.to_pylist():
-            f = formatted.get(record["uid"])
-            if f is None:
-                raise RuntimeError(f"release: kept record {record['uid']} has no formatted sample in {path}")
-            sample_json = dumps(build_sample(record, f, scores.get(record["uid"])))
-            caption = record["caption"].encode("utf-8")
-            size = padded(record["num_bytes"]) + padded(len(sample_json)) + padded(len(caption))
-            series = f"{record['modality']}-{record['ext']}"
+    for crawl_shard, table in rendered:
+        columns = ("key", "sha256", "sample_json", "modality", "ext", "num_bytes", "caption")
+        assigned = []
+        for key, sha, sample_json, modality, ext, num_bytes, caption in zip(*(table[c].to_pylist() for c in columns)):
+            size = padded(num_bytes) + padded(len(sample_json)) + padded(len(caption.encode("utf-8")))
+            series = f"{modality}-{ext}"
             current = open_shard.get(series)
             # a sample larger than max_bytes still gets a shard of its own
             if current is None or current.samples >= max_samples or current.bytes + size > max_bytes:
@@ -144,24 +169,30 @@ def plan_release(
             current.bytes += size
             if crawl_shard not in current.crawl_shards:
                 current.crawl_shards.append(crawl_shard)
-            current.hasher.update(record["uid"].encode() + record["sha256"].encode() + sample_json + b"\x00")
-            rows.append(
-                {
-                    "key": record["uid"],
-                    "shard": current.name,
-                    "crawl_shard": crawl_shard,
-                    "modality": record["modality"],
-                    "ext": record["ext"],
-                    "sha256": record["sha256"],
-                    "num_bytes": record["num_bytes"],
-                    "caption": record["caption"],
-                    "generator": f["generator"],
-                    "sample_json": sample_json,
-                }
-            )
+            current.hasher.update(key.encode() + sha.encode() + sample_json + b"\x00")
+            assigned.append(current.name)
+        plan = table.add_column(1, PLAN_SCHEMA.field("shard"), pa.array(assigned, pa.string()))
         with atomic_path(plan_dir / f"{crawl_shard}.parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), tmp)
+            pq.write_table(plan, tmp)
     return dict(sorted(shards.items()))
+
+
+def plan_release(
+    records: dict[str, pa.Table],
+    formatted_dir: Path,
+    scores: dict[str, pa.Table],
+    plan_dir: Path,
+    max_samples: int,
+    max_bytes: int,
+) -> dict[str, ShardPlan]:
+    """Plan the release in this process: :func:`render_samples` for each crawl shard's kept records (``scores``:
+    by crawl shard), then :func:`assign_shards`. The release stage renders the crawl shards in Ray tasks
+    instead when there are many."""
+    rendered = (
+        (shard, render_samples(shard, table, formatted_dir / f"{shard}.parquet", scores.get(shard)))
+        for shard, table in sorted(records.items())
+    )
+    return assign_shards(rendered, plan_dir, max_samples, max_bytes)
 
 
 def read_plan(plan_dir: Path, crawl_shards: list[str], shard: str | None = None) -> list[dict[str, Any]]:

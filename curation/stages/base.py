@@ -60,6 +60,25 @@ def map_shards(
         yield json.loads(row["summary"])
 
 
+def ipc_bytes(table: pa.Table | None) -> bytes | None:
+    """A table as an Arrow IPC stream, to hand to a Ray task as a plain value (None stays None)."""
+    import pyarrow as pa
+
+    if table is None:
+        return None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def read_ipc(data: bytes | None) -> pa.Table | None:
+    """The table :func:`ipc_bytes` wrote."""
+    import pyarrow as pa
+
+    return None if data is None else pa.ipc.open_stream(data).read_all()
+
+
 def _run_items(batch: dict[str, Any], fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Ray Data batch function of :func:`map_shards`: ``fn`` over each row of ``batch``."""
     keys = list(batch)

@@ -35,7 +35,7 @@ from curation.instruct import (
     tokenizer_fingerprint,
 )
 from curation.ledger import kept_row, rejected_row, write_part
-from curation.stages.base import Stage, log, map_shards
+from curation.stages.base import Stage, ipc_bytes, log, map_shards, read_ipc
 
 TURNS = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
 IDS = pa.list_(pa.int32())
@@ -112,16 +112,9 @@ def _format_task(shard: str, records: bytes, stage: FormatStage) -> dict[str, An
     done."""
     cfg = stage.config.format
     formatter = InstructionFormatter(cfg, _task_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None)
-    summary = stage.format_shard(shard, pa.ipc.open_stream(records).read_all(), formatter)
+    summary = stage.format_shard(shard, read_ipc(records), formatter)
     stage.mark_shard_done(shard, summary)
     return {**summary, "shard": shard}
-
-
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
 
 
 class FormatStage(Stage):
@@ -151,7 +144,7 @@ class FormatStage(Stage):
             # formatting and tokenizing are Python and a tokenizer's work: on the driver they use one core of the
             # cluster (benchmarks/format.py: 200,000 pre-tokenized records took 76.5 s there, 44.2 s as tasks on
             # 2 cores)
-            items = [{"shard": s, "records": _ipc(records[s])} for s in pending]
+            items = [{"shard": s, "records": ipc_bytes(records[s])} for s in pending]
             for n, s in enumerate(map_shards(_format_task, items, cfg.num_cpus, cfg.parallelism, stage=self), 1):
                 log.info("format: shard %s (%d/%d): %d kept, %d rejected", s["shard"], n, len(pending), s["kept"],
                          s["rejected"])  # fmt: skip

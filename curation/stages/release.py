@@ -32,9 +32,18 @@ from curation.fsutil import atomic_path, read_json, write_json
 from curation.ledger import BASE_COLUMNS, write_part
 from curation.release import card, exports
 from curation.release import manifest as manifests
-from curation.release.shards import INDEX_SCHEMA, ShardPlan, WebDatasetShardWriter, dumps, index_schema, plan_release
+from curation.release.shards import (
+    INDEX_SCHEMA,
+    ShardPlan,
+    WebDatasetShardWriter,
+    assign_shards,
+    dumps,
+    index_schema,
+    plan_release,
+    render_samples,
+)
 from curation.schemas import SCHEMA_DIR
-from curation.stages.base import Stage, log, map_shards
+from curation.stages.base import Stage, ipc_bytes, log, map_shards, read_ipc
 
 # where a release is published and how many tasks write it do not change what the release is
 EXECUTION_KEYS = ("out", "storage_options", "parallelism", "num_cpus")
@@ -46,6 +55,21 @@ def _write_task(shard: str, crawl_shards: str, run_dir: str, release_dir: str, e
     summary = {**writer.write(shard, json.loads(crawl_shards), scores), "shard": shard}
     write_json(Path(release_dir) / "done" / f"{shard}.json", summary)
     return summary
+
+
+# fewer kept records than this are rendered in the driver: a task's worker first imports the package (seconds)
+RENDER_TASKS_FROM = 10_000
+
+
+def _render_task(crawl_shard: str, records: bytes, scores: bytes | None, formatted_dir: str, out_dir: str):
+    """One Ray task of :func:`map_shards`: render a crawl shard's samples (``records`` and ``scores`` as Arrow IPC
+    streams) into ``out_dir/<crawl_shard>.parquet``."""
+    table = render_samples(
+        crawl_shard, read_ipc(records), Path(formatted_dir) / f"{crawl_shard}.parquet", read_ipc(scores)
+    )
+    with atomic_path(Path(out_dir) / f"{crawl_shard}.parquet") as tmp:
+        pq.write_table(table, tmp)
+    return {"crawl_shard": crawl_shard, "samples": table.num_rows}
 
 
 class ReleaseStage(Stage):
@@ -102,14 +126,7 @@ class ReleaseStage(Stage):
             and f.name not in INDEX_SCHEMA.names
             and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
         ]
-        plans = plan_release(
-            self.kept_records(),
-            run_dir / "format" / "shards",
-            self._scores(ledger, score_columns),
-            self.dir / "_work" / "plan",
-            cfg.max_shard_samples,
-            cfg.max_shard_bytes,
-        )
+        plans = self._plan(ledger, score_columns)
         self._remove_stale(plans)
         pending = [p for p in plans.values() if not self._is_current(p)]
         log.info("release: %d shards, %d already complete", len(plans), len(plans) - len(pending))
@@ -171,11 +188,41 @@ class ReleaseStage(Stage):
             "modalities": dict(sorted(modalities.items())),
         }
 
-    def _scores(self, ledger: pa.Table, columns: list[str]) -> dict[str, dict[str, Any]]:
-        if not columns:
-            return {}
-        kept = ledger.filter(pc.equal(ledger.column("status"), "kept")).select(["uid", *columns]).to_pylist()
-        return {row.pop("uid"): row for row in kept}
+    def _plan(self, ledger: pa.Table, score_columns: list[str]) -> dict[str, ShardPlan]:
+        """Render every kept record's sample and assign it a shard (:mod:`curation.release.shards`). Rendering
+        (a JSON member a record) runs as a Ray task a crawl shard when there are many records; assigning, which
+        goes through the records in order, runs here."""
+        import ray
+
+        cfg = self.config.release
+        records = self.kept_records()
+        scores = {}
+        if score_columns:
+            kept = ledger.filter(pc.equal(ledger.column("status"), "kept")).select(["uid", *score_columns])
+            for shard, table in records.items():
+                at = pc.index_in(table.column("uid"), value_set=kept.column("uid")).drop_null()
+                scores[shard] = kept.take(at)
+        formatted, plan_dir = self.ctx.run_dir / "format" / "shards", self.dir / "_work" / "plan"
+        todo = sum(t.num_rows for t in records.values())
+        if len(records) < 2 or cfg.parallelism == 1 or todo < RENDER_TASKS_FROM or not ray.is_initialized():
+            return plan_release(records, formatted, scores, plan_dir, cfg.max_shard_samples, cfg.max_shard_bytes)
+        rendered_dir = self.dir / "_work" / "rendered"
+        items = [
+            {"crawl_shard": s, "records": ipc_bytes(t), "scores": ipc_bytes(scores.get(s))} for s, t in records.items()
+        ]
+        for n, s in enumerate(
+            map_shards(
+                _render_task, items, 1.0, cfg.parallelism, formatted_dir=str(formatted), out_dir=str(rendered_dir)
+            ),
+            1,
+        ):
+            log.info(
+                "release: rendered crawl shard %s (%d/%d): %d samples", s["crawl_shard"], n, len(items), s["samples"]
+            )
+        rendered = ((s, pq.read_table(rendered_dir / f"{s}.parquet")) for s in sorted(records))
+        plans = assign_shards(rendered, plan_dir, cfg.max_shard_samples, cfg.max_shard_bytes)
+        shutil.rmtree(rendered_dir)  # the plan holds the same rows now
+        return plans
 
     def _is_current(self, plan: ShardPlan) -> bool:
         """A shard finished by an earlier attempt counts only if it was written from the same plan."""

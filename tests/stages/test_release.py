@@ -227,6 +227,24 @@ def test_release_again_is_byte_identical_and_resumes(released, tmp_path):
     assert release_files(tmp_path / "published") == before
 
 
+def test_samples_rendered_as_ray_tasks_make_the_same_release(released, tmp_path, monkeypatch, caplog):
+    import logging
+
+    run_dir, _ = released
+    release = run_dir / "release"
+    before = release_files(release)
+    plan_hashes = {p.name: json.loads(p.read_text())["plan_hash"] for p in (release / "done").glob("*.json")}
+    shutil.move(release, tmp_path / "first")
+    monkeypatch.setattr("curation.stages.release.RENDER_TASKS_FROM", 1)  # tasks for the 10 samples here
+    with caplog.at_level(logging.INFO, logger="curation"):
+        assert main(["release", str(run_dir)]) == 0
+    rendered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("release: rendered crawl shard")]
+    assert len(rendered) == 3  # one task a crawl shard
+    assert release_files(release) == before
+    assert {p.name: json.loads(p.read_text())["plan_hash"] for p in (release / "done").glob("*.json")} == plan_hashes
+    assert not (release / "_work" / "rendered").exists()
+
+
 def test_publish_to_s3_matches_local(released, monkeypatch):
     import s3fs
     from moto.server import ThreadedMotoServer
