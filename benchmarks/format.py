@@ -49,7 +49,7 @@ def make_run(run_dir: Path, n: int, shard_size: int, seed: int = 0) -> None:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    uids = np.char.add("r", np.char.zfill(np.arange(n).astype(str), 9)).astype(object)
+    uids = np.char.zfill(np.char.mod("%x", np.arange(n)), 16).astype(object)  # as a crawl makes them: 16 hex digits
     modality = rng.choice([m for m, _ in MODALITIES], size=n, p=[p for _, p in MODALITIES])
     lengths = rng.integers(6, 25, n)
     words = np.array(WORDS, dtype=object)[rng.integers(0, len(WORDS), int(lengths.sum()))]
@@ -78,8 +78,9 @@ def make_run(run_dir: Path, n: int, shard_size: int, seed: int = 0) -> None:
     for i, start in enumerate(range(0, n, shard_size)):
         pq.write_table(records.slice(start, shard_size), run_dir / "crawl" / "shards" / f"{i:05d}.parquet")
     null = pa.nulls(n, pa.string())
-    ledger = pa.table({"uid": records["uid"], "modality": records["modality"], "source": pa.array(["urls"] * n),
-                       "status": pa.array(["kept"] * n), "stage": null, "reason": null})  # fmt: skip
+    ledger = pa.table({"uid": records["uid"], "modality": records["modality"], "source": pa.array(["urls.parquet"] * n),
+                       "url": null, "status": pa.array(["kept"] * n), "stage": null, "reason": null, "detail": null,
+                       "dup_of": null})  # fmt: skip
     pq.write_table(ledger, run_dir / "ledger.parquet")
 
 

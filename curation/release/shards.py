@@ -255,14 +255,17 @@ class WebDatasetShardWriter:
                 if not group:
                     continue
                 with tarfile.open(self.run_dir / "crawl" / "shards" / f"{crawl_shard}.tar") as tf:
+                    # TarFile.getmember scans every member for each name: 2.9 of 15.9 s of a 6,019-sample shard
+                    in_tar = {m.name: m for m in tf.getmembers()}  # the last of a name, as getmember
                     for row in group:
                         key = row["key"]
                         plan_hash.update(key.encode() + row["sha256"].encode() + row["sample_json"] + b"\x00")
-                        data, reason, detail = self._media(tf, row)
+                        data, reason, detail = self._media(tf, in_tar, row)
                         if reason is None:
-                            errors = sorted(check.iter_errors(json.loads(row["sample_json"])), key=str)
-                            if errors:
-                                reason, detail = "invalid_sample", f"{key}: {errors[0].message[:300]}"
+                            sample = json.loads(row["sample_json"])
+                            if not check.is_valid(sample):
+                                first = sorted(check.iter_errors(sample), key=lambda e: e.message)[0]
+                                reason, detail = "invalid_sample", f"{key}: {first.message[:300]}"
                         if reason is not None:
                             reasons[reason] += 1
                             ledger.append(rejected_row(key, "release", reason, detail))
@@ -297,12 +300,13 @@ class WebDatasetShardWriter:
             "media_bytes": sum(r["media_size"] for r in index),
         }
 
-    def _media(self, tf: tarfile.TarFile, row: dict[str, Any]) -> tuple[bytes | None, str | None, str | None]:
+    def _media(
+        self, tf: tarfile.TarFile, in_tar: dict[str, tarfile.TarInfo], row: dict[str, Any]
+    ) -> tuple[bytes | None, str | None, str | None]:
         name = f"{row['key']}.{row['ext']}"
-        try:
-            data = tf.extractfile(tf.getmember(name)).read()
-        except KeyError:
+        if name not in in_tar:
             return None, "media_missing", f"crawl shard {row['crawl_shard']}.tar has no member {name}"
+        data = tf.extractfile(in_tar[name]).read()
         digest = hashlib.sha256(data).hexdigest()
         if digest != row["sha256"]:
             return (

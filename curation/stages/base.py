@@ -38,7 +38,8 @@ def map_shards(
 
     Args:
         fn: the work of one shard; it writes its own outputs and done marker, so a killed run keeps what finished.
-        items: one dict of plain values (str, bytes, numbers) a task.
+        items: one dict of plain values (str, bytes, numbers) a task, never None: Ray Data turns a column of Nones
+            into NaN.
         num_cpus: CPUs a task reserves in Ray.
         parallelism: tasks at once; ``None``: the cluster's CPUs / ``num_cpus``.
         kwargs: passed to every call (pickled once into the task function).
@@ -60,23 +61,24 @@ def map_shards(
         yield json.loads(row["summary"])
 
 
-def ipc_bytes(table: pa.Table | None) -> bytes | None:
-    """A table as an Arrow IPC stream, to hand to a Ray task as a plain value (None stays None)."""
+def ipc_bytes(table: pa.Table | None) -> bytes:
+    """A table as an Arrow IPC stream, to hand to a Ray task as a plain value; None as no bytes (a column of
+    Nones in :func:`map_shards`'s items would reach the tasks as NaN)."""
     import pyarrow as pa
 
     if table is None:
-        return None
+        return b""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
 
-def read_ipc(data: bytes | None) -> pa.Table | None:
-    """The table :func:`ipc_bytes` wrote."""
+def read_ipc(data: bytes) -> pa.Table | None:
+    """The table :func:`ipc_bytes` wrote (None for no bytes)."""
     import pyarrow as pa
 
-    return None if data is None else pa.ipc.open_stream(data).read_all()
+    return pa.ipc.open_stream(data).read_all() if data else None
 
 
 def _run_items(batch: dict[str, Any], fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def _write_task(shard: str, crawl_shards: str, run_dir: str, release_dir: str, e
 RENDER_TASKS_FROM = 10_000
 
 
-def _render_task(crawl_shard: str, records: bytes, scores: bytes | None, formatted_dir: str, out_dir: str):
+def _render_task(crawl_shard: str, records: bytes, scores: bytes, formatted_dir: str, out_dir: str):
     """One Ray task of :func:`map_shards`: render a crawl shard's samples (``records`` and ``scores`` as Arrow IPC
     streams) into ``out_dir/<crawl_shard>.parquet``."""
     table = render_samples(

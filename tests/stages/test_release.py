@@ -294,6 +294,44 @@ def test_sample_json_is_compact_and_sorted(released):
     assert raw == json.dumps(json.loads(raw), sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def test_fast_validator_agrees_with_jsonschema(released):
+    """The release checks samples with jsonschema-rs; jsonschema, the reference implementation, must agree on every
+    released sample and on broken copies of them."""
+    import copy
+
+    import jsonschema
+    import webdataset as wds
+    from referencing import Registry, Resource
+
+    from curation.schemas import load_schema, validator
+
+    run_dir, _ = released
+    registry = Registry().with_resources(
+        (f"curation/{p.name}", Resource.from_contents(json.loads(p.read_text()))) for p in SCHEMA_DIR.glob("*.json")
+    )
+    reference = jsonschema.Draft202012Validator(load_schema("instruction_sample"), registry=registry)
+    ours = validator("instruction_sample")
+    samples = [json.loads(s["json"]) for s in wds.WebDataset(sorted(str(p) for p in (run_dir / "release").glob("*.tar")),
+                                                             shardshuffle=False)]  # fmt: skip
+    broken = []
+    for sample in samples:
+        for change in (
+            lambda b: b.update(id="not-hex"),
+            lambda b: b["record"].update(num_bytes="12"),
+            lambda b: b.pop("conversations"),
+            lambda b: b["conversations"][0].update(value=b["conversations"][0]["value"].split("\n", 1)[-1]),
+            lambda b: b["conversations"].append({"from": "gpt", "value": "<image> again"}),
+            lambda b: b["tokens"].update(input_ids=["1"]) if "tokens" in b else b.update(extra=1),
+        ):
+            b = copy.deepcopy(sample)
+            change(b)
+            broken.append(b)
+    everything = samples + broken
+    verdicts = [reference.is_valid(x) for x in everything]
+    assert all(verdicts[: len(samples)]) and sum(verdicts) < len(everything) - len(samples)  # some copies are broken
+    assert [ours.is_valid(x) for x in everything] == verdicts
+
+
 def _formatted(tmp_path, media):
     from curation.ledger import assemble_ledger
     from curation.stages.format import FormatStage
