@@ -412,7 +412,8 @@ class ReleaseConfig:
             release is always built in RUN_DIR/release first. ``curation release RUN_DIR --out URL`` sets it.
         storage_options: fsspec options for ``out`` (e.g. ``{client_kwargs: {endpoint_url: ...}}``). They are
             saved in run.json: keep credentials in the environment (AWS_ACCESS_KEY_ID ...), not here.
-        parallelism: shards written at once (Ray tasks); ``None``: the cluster's CPUs / ``num_cpus``.
+        parallelism: shards written at once (Ray tasks), and crawl shards' samples rendered at once (a core a task)
+            while planning; ``None``: the cluster's CPUs / ``num_cpus``; 1: all of it in the driver.
         num_cpus: CPUs one shard-writing task reserves in Ray.
     """
 

@@ -1,7 +1,7 @@
 """Format: turn every kept record into LLaVA-form instruction data.
 
 Per crawl shard, one Ray task a shard (``format.parallelism`` at once; the driver alone with
-``format.parallelism: 1``, or when there is one shard or fewer than :data:`TASKS_FROM_RECORDS` records to do):
+``format.parallelism: 1``, or when there is one shard or fewer than ``TASKS_FROM_RECORDS`` records to do):
 
     format/shards/<shard>.parquet   one row per kept record: its pre-training and instruction conversations,
                                     the generator used, and (with ``format.tokenizer``) input_ids and labels
@@ -35,7 +35,7 @@ from curation.instruct import (
     tokenizer_fingerprint,
 )
 from curation.ledger import kept_row, rejected_row, write_part
-from curation.stages.base import Stage, ipc_bytes, log, map_shards, read_ipc
+from curation.stages.base import TASKS_FROM_RECORDS, Stage, ipc_bytes, log, map_shards, read_ipc
 
 TURNS = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
 IDS = pa.list_(pa.int32())
@@ -52,9 +52,6 @@ FORMAT_SCHEMA = pa.schema(
         ("labels", IDS),
     ]
 )
-# fewer records than this are formatted on the driver: a task's worker first imports the package and loads the
-# tokenizer (seconds), which costs more than formatting them (the demo's 355 took 2.3 s on the driver, 8.7 as tasks)
-TASKS_FROM_RECORDS = 10_000
 # a ledger column, so the card and the dashboard can show the token-length distribution
 LEDGER_EXTRA = pa.schema([("num_tokens", pa.int32())])
 

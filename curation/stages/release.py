@@ -43,7 +43,7 @@ from curation.release.shards import (
     render_samples,
 )
 from curation.schemas import SCHEMA_DIR
-from curation.stages.base import Stage, ipc_bytes, log, map_shards, read_ipc
+from curation.stages.base import TASKS_FROM_RECORDS, Stage, ipc_bytes, log, map_shards, read_ipc
 
 # where a release is published and how many tasks write it do not change what the release is
 EXECUTION_KEYS = ("out", "storage_options", "parallelism", "num_cpus")
@@ -55,10 +55,6 @@ def _write_task(shard: str, crawl_shards: str, run_dir: str, release_dir: str, e
     summary = {**writer.write(shard, json.loads(crawl_shards), scores), "shard": shard}
     write_json(Path(release_dir) / "done" / f"{shard}.json", summary)
     return summary
-
-
-# fewer kept records than this are rendered in the driver: a task's worker first imports the package (seconds)
-RENDER_TASKS_FROM = 10_000
 
 
 def _render_task(crawl_shard: str, records: bytes, scores: bytes, formatted_dir: str, out_dir: str):
@@ -204,21 +200,17 @@ class ReleaseStage(Stage):
                 scores[shard] = kept.take(at)
         formatted, plan_dir = self.ctx.run_dir / "format" / "shards", self.dir / "_work" / "plan"
         todo = sum(t.num_rows for t in records.values())
-        if len(records) < 2 or cfg.parallelism == 1 or todo < RENDER_TASKS_FROM or not ray.is_initialized():
+        if len(records) < 2 or cfg.parallelism == 1 or todo < TASKS_FROM_RECORDS or not ray.is_initialized():
             return plan_release(records, formatted, scores, plan_dir, cfg.max_shard_samples, cfg.max_shard_bytes)
         rendered_dir = self.dir / "_work" / "rendered"
         items = [
             {"crawl_shard": s, "records": ipc_bytes(t), "scores": ipc_bytes(scores.get(s))} for s, t in records.items()
         ]
-        for n, s in enumerate(
-            map_shards(
-                _render_task, items, 1.0, cfg.parallelism, formatted_dir=str(formatted), out_dir=str(rendered_dir)
-            ),
-            1,
-        ):
-            log.info(
-                "release: rendered crawl shard %s (%d/%d): %d samples", s["crawl_shard"], n, len(items), s["samples"]
-            )
+        kwargs = {"formatted_dir": str(formatted), "out_dir": str(rendered_dir)}
+        # a core a task: rendering is Python throughout (the shard writers, mostly reading and writing, take less)
+        for n, s in enumerate(map_shards(_render_task, items, 1.0, cfg.parallelism, **kwargs), 1):
+            log.info("release: rendered crawl shard %s (%d/%d): %d samples", s["crawl_shard"], n, len(items),
+                     s["samples"])  # fmt: skip
         rendered = ((s, pq.read_table(rendered_dir / f"{s}.parquet")) for s in sorted(records))
         plans = assign_shards(rendered, plan_dir, cfg.max_shard_samples, cfg.max_shard_bytes)
         shutil.rmtree(rendered_dir)  # the plan holds the same rows now

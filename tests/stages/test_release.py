@@ -235,7 +235,7 @@ def test_samples_rendered_as_ray_tasks_make_the_same_release(released, tmp_path,
     before = release_files(release)
     plan_hashes = {p.name: json.loads(p.read_text())["plan_hash"] for p in (release / "done").glob("*.json")}
     shutil.move(release, tmp_path / "first")
-    monkeypatch.setattr("curation.stages.release.RENDER_TASKS_FROM", 1)  # tasks for the 10 samples here
+    monkeypatch.setattr("curation.stages.release.TASKS_FROM_RECORDS", 1)  # tasks for the 10 samples here
     with caplog.at_level(logging.INFO, logger="curation"):
         assert main(["release", str(run_dir)]) == 0
     rendered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("release: rendered crawl shard")]
