@@ -13,7 +13,12 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# The venv takes about 7.5 GiB (torch's build carries CUDA libraries): say so before pip runs out of disk.
+MIN_FREE_GIB ?= 9
+
 $(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+	  sys.exit(0 if free >= $(MIN_FREE_GIB) else f"make install: {free:.1f} GiB free on this disk; .venv takes about 7.5 GiB, free at least $(MIN_FREE_GIB) GiB (or set MIN_FREE_GIB)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

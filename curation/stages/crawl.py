@@ -10,14 +10,17 @@ disk instead. Each input shard is one Ray Data task and gives one output shard:
     crawl/shards/<shard>.parquet  the kept records (schemas/record.schema.json)
     crawl/ledger/<shard>.parquet  every record of the shard, kept or rejected with a reason
     crawl/done/<shard>.json       written last: the shard is complete
+
+img2dataset works in ``crawl/_work/<shard>/``, not the system's temp folder: a worker killed mid-shard leaves
+its files in the run, and the shard's next attempt clears them (as it clears half-written ``.*.tmp-*`` files).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -90,15 +93,18 @@ def _img2dataset_uses(fetcher):
         i2d.download_image_with_retry = original
 
 
-def _download_images(rows: list[dict[str, Any]], cfg: CrawlConfig, fetcher, shard: str) -> dict[str, tuple]:
-    """Run img2dataset's Downloader over the image URLs of one shard; returns uid -> (bytes, error message)."""
+def _download_images(rows: list[dict[str, Any]], cfg: CrawlConfig, fetcher, work: Path) -> dict[str, tuple]:
+    """Run img2dataset's Downloader over the image URLs of one shard, in the folder ``work`` (emptied first,
+    removed after); returns uid -> (bytes, error message)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
 
     sink: dict[str, tuple[bytes | None, str | None]] = {}
-    with tempfile.TemporaryDirectory(prefix=f"crawl-{shard}-") as tmp:
-        feather = Path(tmp) / "urls.feather"
+    shutil.rmtree(work, ignore_errors=True)  # what a killed attempt left
+    work.mkdir(parents=True)
+    try:
+        feather = work / "urls.feather"
         table = pa.table({k: [r[k] for r in rows] for k in ("url", "caption", "uid")})
         with pa.OSFile(str(feather), "wb") as sink_file, pa.ipc.new_file(sink_file, table.schema) as writer:
             writer.write_table(table)
@@ -109,7 +115,7 @@ def _download_images(rows: list[dict[str, Any]], cfg: CrawlConfig, fetcher, shar
             thread_count=cfg.threads,
             save_caption=True,
             extract_exif=False,
-            output_folder=tmp,
+            output_folder=str(work),
             column_list=["url", "caption", "uid"],
             timeout=cfg.read_timeout_s,
             number_sample_per_shard=max(len(rows), 1),
@@ -124,6 +130,8 @@ def _download_images(rows: list[dict[str, Any]], cfg: CrawlConfig, fetcher, shar
         with _img2dataset_uses(fetcher):
             # download_shard, not __call__: __call__ swallows a failed shard into a print
             downloader.download_shard((0, str(feather)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return sink
 
 
@@ -163,7 +171,7 @@ def crawl_shard(shard: str, input_path: str, out_dir: str, cfg: CrawlConfig) -> 
     fetched: dict[str, tuple[bytes | None, str | None, str | None]] = {}
     images = [r for r in rows if r["url"] and r["modality"] == "image"]
     if images:
-        for uid, (data, err) in _download_images(images, cfg, fetcher, shard).items():
+        for uid, (data, err) in _download_images(images, cfg, fetcher, out / "_work" / shard).items():
             fetched[uid] = (data, None, None) if err is None else (None, *split_error_message(err))
     others = [r for r in rows if r["url"] and r["modality"] != "image"]
 
@@ -255,6 +263,9 @@ class CrawlStage(Stage):
         shard_files = sorted((self.ctx.run_dir / "input" / "records").glob("*.parquet"))
         pending = [p for p in shard_files if not self.is_shard_done(p.stem)]
         log.info("crawl: %d shards, %d already complete", len(shard_files), len(shard_files) - len(pending))
+        for folder in ("shards", "ledger", "done"):  # half-written files of a killed attempt
+            for path in (self.dir / folder).glob(".*.tmp-*"):
+                path.unlink()
         items = [{"shard": p.stem, "path": str(p)} for p in pending]
         summaries = map_shards(_crawl_task, items, cfg.num_cpus, cfg.parallelism, out_dir=str(self.dir), cfg=cfg)
         for done, s in enumerate(summaries, 1):
@@ -268,6 +279,7 @@ class CrawlStage(Stage):
                 s["reasons"] or "",
                 s["seconds"],
             )
+        shutil.rmtree(self.dir / "_work", ignore_errors=True)
         totals: Counter = Counter()
         reasons: Counter = Counter()
         for p in shard_files:

@@ -188,3 +188,6 @@ def test_killed_run_resumes_to_the_same_shards_and_ledger(crawled, sample_server
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "1 already complete" in resumed.stderr or f"{finished_before_kill} already complete" in resumed.stderr
     assert digest_run(killed) == digest_run(run_dir)
+    # img2dataset's working folder and half-written files of the killed attempt are gone
+    assert not (killed / "crawl" / "_work").exists()
+    assert not [p for p in (killed / "crawl").rglob(".*.tmp-*")]
