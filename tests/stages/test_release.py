@@ -4,6 +4,7 @@ re-releases, and publishing to S3 (moto on loopback) file for file."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -344,6 +345,8 @@ def _formatted(tmp_path, media):
 
 
 def test_unreleasable_records_are_rejected_with_a_reason(tmp_path):
+    import tarfile
+
     from curation.ledger import assemble_ledger
 
     run = _formatted(tmp_path, write_media_folder(tmp_path / "media"))
@@ -352,14 +355,26 @@ def test_unreleasable_records_are_rejected_with_a_reason(tmp_path):
     table = pq.read_table(shard).to_pylist()
     table[0]["sha256"] = "0" * 64
     pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(shard)), shard)
+    # and the crawl tar lost the media of another record
+    lost = f"{table[1]['uid']}.{table[1]['ext']}"
+    tar_path = shard.with_suffix(".tar")
+    with tarfile.open(tar_path) as src:
+        members = [(m, src.extractfile(m).read()) for m in src if m.name != lost]
+    assert len(members) == 3 * len(table) - 1
+    with tarfile.open(tar_path, "w") as dst:
+        for member, data in members:
+            dst.addfile(member, io.BytesIO(data))
     summary = ReleaseStage(run.ctx).run("format")
-    assert summary["reasons"] == {"checksum_mismatch": 1} and summary["kept"] == 9
+    assert summary["reasons"] == {"checksum_mismatch": 1, "media_missing": 1} and summary["kept"] == 8
     counts = assemble_ledger(run.run_dir, ["crawl", "format", "release"])
-    assert counts == {"input": 10, "kept": 9, "rejected": 1}
-    (row,) = [r for r in pq.read_table(run.run_dir / "ledger.parquet").to_pylist() if r["status"] == "rejected"]
-    assert row["stage"] == "release" and row["uid"] == table[0]["uid"] and "sha256" in row["detail"]
-    assert table[0]["uid"] not in {r["key"] for r in index_rows(run.run_dir)}
-    assert "| release | 10 | 1 | 9 | checksum_mismatch 1 |" in (run.run_dir / "release" / "README.md").read_text()
+    assert counts == {"input": 10, "kept": 8, "rejected": 2}
+    rows = {r["uid"]: r for r in pq.read_table(run.run_dir / "ledger.parquet").to_pylist() if r["status"] == "rejected"}
+    assert set(rows) == {table[0]["uid"], table[1]["uid"]}
+    assert rows[table[0]["uid"]]["stage"] == "release" and "sha256" in rows[table[0]["uid"]]["detail"]
+    assert rows[table[1]["uid"]]["reason"] == "media_missing" and lost in rows[table[1]["uid"]]["detail"]
+    assert not {table[0]["uid"], table[1]["uid"]} & {r["key"] for r in index_rows(run.run_dir)}
+    readme = (run.run_dir / "release" / "README.md").read_text()
+    assert "| release | 10 | 2 | 8 | checksum_mismatch 1, media_missing 1 |" in readme, readme
     assert verify_release(run.run_dir / "release") == []
 
 
