@@ -1,9 +1,9 @@
 """Dedup at scale: SemDeDup over synthetic embeddings and MinHash over synthetic captions, at several sizes in one
-run, so the growth of each cost can be read off side by side.
+run, so the growth of each cost can be read off side by side, and MinHash beside datatrove's in the same run.
 
     .venv/bin/python benchmarks/dedup.py                       # 100k and 1M of each (a few minutes on 2 cores)
     .venv/bin/python benchmarks/dedup.py --sizes 20000,100000  # quicker
-    .venv/bin/python benchmarks/dedup.py --only minhash
+    .venv/bin/python benchmarks/dedup.py --only minhash --no-peer
 
 Data are generated inside the benchmark, with planted duplicates so recall (and precision) can be printed:
 
@@ -13,18 +13,30 @@ Data are generated inside the benchmark, with planted duplicates so recall (and 
   with one edit (a word appended or dropped at the end, or case and punctuation changed).
 
 Timing is wall clock (time.perf_counter) on a local Ray instance with the machine's CPUs; the data generation is
-not timed. Memory: the driver's peak RSS (resource.getrusage), and tracemalloc's peak of the timed section (numpy
-buffers included); Ray workers' memory is not in these (they read the embeddings zero-copy from the object store).
+not timed. Memory: the driver's peak RSS during the timed section (sampled every 10 ms; in brackets, its growth
+over the section's start), and tracemalloc's peak of the section (numpy buffers included); Ray workers' memory is not in these (they read the embeddings zero-copy from
+the object store).
+
+The peer, for MinHash: datatrove's own pipeline (``MinhashDedupSignature``, ``MinhashDedupBuckets``,
+``MinhashDedupCluster`` on its ``LocalPipelineExecutor``, one task a CPU for the signatures, a task a bucket after)
+over the same captions, with the same 5-grams and 14 bands of 8 hashes, 64-bit. Two adapters, because its defaults
+do not run here: its English word tokenizer needs spaCy, so it gets a whitespace split, which is what ours does;
+its xxhash call passes ``str``, which xxhash 4 refuses, so it gets the same xxhash64 of the UTF-8 bytes. Its
+documents are made in its tasks from the captions in memory; its signatures, buckets and duplicate lists go
+through files in a temporary folder, as they do in a real run. The ratio is datatrove's seconds over ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import resource
+import shutil
 import sys
+import tempfile
+import threading
 import time
 import tracemalloc
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +49,34 @@ PLANTED = 0.01
 EPS = 0.01  # remove above cosine 0.99
 
 
-def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+@contextmanager
+def peak_rss(out: dict):
+    """Sample this process's RSS every 10 ms while the block runs; ``out["rss_peak_gib"]`` is the largest,
+    ``out["rss_start_gib"]`` the first. (The process's own peak, ``ru_maxrss``, cannot be reset, so a later section
+    would report an earlier one's.)"""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    start = rss()
+    peak, done = [start], threading.Event()
+
+    def sample():
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        out["rss_peak_gib"], out["rss_start_gib"] = max(peak[0], rss()) / 2**30, start / 2**30
 
 
 def make_embeddings(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,10 +159,12 @@ def bench_semantic(n: int, keep: str) -> dict:
 
     x, copy, source = make_embeddings(n)
     gc.collect()
+    memory: dict = {}
     tracemalloc.start()
-    t0 = time.perf_counter()
-    result = semantic_dedup(x, EPS, keep=keep, seed=0)
-    seconds = time.perf_counter() - t0
+    with peak_rss(memory):
+        t0 = time.perf_counter()
+        result = semantic_dedup(x, EPS, keep=keep, seed=0)
+        seconds = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     recall, precision = recall_precision(result.dup_of, copy, source)
@@ -138,7 +178,7 @@ def bench_semantic(n: int, keep: str) -> dict:
         "recall": recall,
         "precision": precision,
         "traced_peak_gib": peak / 2**30,
-        "rss_peak_gib": rss_gib(),
+        **memory,
     }
 
 
@@ -163,19 +203,113 @@ def minhash_over_ray(captions: list[str], params, threshold: float, tasks: int) 
     return dup_of, timings
 
 
-def bench_minhash(n: int, tasks: int) -> dict:
+class _Captions:
+    """datatrove's first pipeline step: the documents of one task's contiguous slice of the captions."""
+
+    def __init__(self, captions: list[str], bounds: np.ndarray):
+        self.captions, self.bounds = captions, bounds
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        from datatrove.data import Document
+
+        for i in range(self.bounds[rank], self.bounds[rank + 1]):
+            yield Document(text=self.captions[i], id=str(i))
+
+
+@contextmanager
+def quiet(path: Path):
+    """Send this process's and its children's stdout and stderr to ``path`` while the block runs."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "wb") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def _xxhash64(text: str) -> int:
+    import xxhash
+
+    return xxhash.xxh64_intdigest(text.encode("utf-8"))
+
+
+def datatrove_minhash(captions: list[str], tasks: int, work: Path) -> tuple[np.ndarray, dict]:
+    """datatrove's MinHash dedup over ``captions`` (see the module's notes); (dup_of, timings), ``dup_of`` >= 0 for
+    the captions it removes."""
+    import datatrove.pipeline.dedup.minhash as dt_minhash
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class SplitWords(WordTokenizer):
+        def word_tokenize(self, text: str) -> list[str]:
+            return text.split()
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            return [(0, len(text))]
+
+    config = dt_minhash.MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(64))
+    loader, dt_minhash.load_word_tokenizer = dt_minhash.load_word_tokenizer, lambda language: SplitWords()
+    try:
+        signature = dt_minhash.MinhashDedupSignature(output_folder=str(work / "signatures"), config=config)
+    finally:
+        dt_minhash.load_word_tokenizer = loader
+    signature._hash_func = _xxhash64
+    bounds = np.linspace(0, len(captions), tasks + 1).astype(int)
+    steps = {
+        "signatures_s": ([_Captions(captions, bounds), signature], tasks),
+        "buckets_s": (
+            [dt_minhash.MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=config)],
+            config.num_buckets,
+        ),
+        "cluster_s": (
+            [dt_minhash.MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config)],
+            1,
+        ),
+    }
+    timings = {}
+    with quiet(work / "output.log"):  # its per-task logs and progress bars
+        for name, (pipeline, n_tasks) in steps.items():
+            t0 = time.perf_counter()
+            LocalPipelineExecutor(pipeline, tasks=n_tasks, workers=min(tasks, n_tasks),
+                                  logging_dir=str(work / "logs" / name)).run()  # fmt: skip
+            timings[name] = time.perf_counter() - t0
+    dup_of = np.full(len(captions), -1, dtype=np.int64)
+    for rank in range(tasks):
+        path = work / "remove" / f"{rank:06d}.remove"
+        if path.is_file():  # the document indices within the task's slice
+            dup_of[bounds[rank] + np.frombuffer(path.read_bytes(), "<u4").astype(np.int64)] = 0
+    return dup_of, timings
+
+
+def bench_minhash(n: int, tasks: int, peer: bool) -> dict:
     from curation.dedup.minhash import MinHashParams
 
     captions, copy, source = make_captions(n)
     gc.collect()
+    memory: dict = {}
     tracemalloc.start()
-    t0 = time.perf_counter()
-    dup_of, timings = minhash_over_ray(captions, MinHashParams(), 0.7, tasks)
-    seconds = time.perf_counter() - t0
+    with peak_rss(memory):
+        t0 = time.perf_counter()
+        dup_of, timings = minhash_over_ray(captions, MinHashParams(), 0.7, tasks)
+        seconds = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     recall, precision = recall_precision(dup_of, copy, source)
-    return {
+    row = {
         "n": n,
         "seconds": seconds,
         **timings,
@@ -183,20 +317,46 @@ def bench_minhash(n: int, tasks: int) -> dict:
         "recall": recall,
         "precision": precision,
         "traced_peak_gib": peak / 2**30,
-        "rss_peak_gib": rss_gib(),
+        **memory,
     }
+    if peer:
+        work = Path(tempfile.mkdtemp(prefix="bench-dedup-datatrove-"))
+        try:
+            t0 = time.perf_counter()
+            peer_dup_of, peer_timings = datatrove_minhash(captions, tasks, work)
+            peer_seconds = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        peer_recall, peer_precision = recall_precision(peer_dup_of, copy, source)
+        row["peer"] = {
+            "n": n,
+            "seconds": peer_seconds,
+            **peer_timings,
+            "removed": int((peer_dup_of >= 0).sum()),
+            "recall": peer_recall,
+            "precision": peer_precision,
+        }
+    return row
+
+
+def _row(label: str, r: dict) -> str:
+    extra = "  ".join(f"{k}={v:.1f}" for k, v in r.items() if k.endswith("_s") and k not in ("seconds",))
+    memory = (f"  traced_peak={r['traced_peak_gib']:.2f} GiB  driver_rss_peak={r['rss_peak_gib']:.2f} GiB "
+              f"(+{r['rss_peak_gib'] - r['rss_start_gib']:.2f})" if "rss_peak_gib" in r else "")  # fmt: skip
+    return (
+        f"  {label:<11}n={r['n']:>9,}  {r['seconds']:7.1f} s  ({r['n'] / r['seconds']:>9,.0f}/s)  {extra}  "
+        f"removed={r['removed']:,}  recall={r['recall']:.4f}  precision={r['precision']:.4f}{memory}"
+        + (f"  clusters={r['clusters']}" if "clusters" in r else "")
+    )
 
 
 def report(title: str, rows: list[dict], budget_s: float) -> None:
     print(f"\n{title}")
     for r in rows:
-        extra = "  ".join(f"{k}={v:.1f}" for k, v in r.items() if k.endswith("_s") and k not in ("seconds",))
-        print(
-            f"  n={r['n']:>9,}  {r['seconds']:7.1f} s  ({r['n'] / r['seconds']:>9,.0f}/s)  {extra}  "
-            f"removed={r['removed']:,}  recall={r['recall']:.4f}  precision={r['precision']:.4f}  "
-            f"traced_peak={r['traced_peak_gib']:.2f} GiB  driver_rss_peak={r['rss_peak_gib']:.2f} GiB"
-            + (f"  clusters={r['clusters']}" if "clusters" in r else "")
-        )
+        print(_row("ours", r))
+        if "peer" in r:
+            print(_row("datatrove", r["peer"]))
+            print(f"  {'':<11}datatrove / ours: {r['peer']['seconds'] / r['seconds']:.1f}x the time")
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         growth = (b["seconds"] / a["seconds"]) / (b["n"] / a["n"])
@@ -216,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=("semantic", "minhash"), default=None)
     parser.add_argument("--keep", default="hardest", choices=("hardest", "easiest", "random"))
     parser.add_argument("--cpus", type=int, default=None, help="Ray CPUs (default: all)")
+    parser.add_argument("--no-peer", action="store_true", help="skip datatrove's MinHash pipeline (the peer)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -230,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             report(f"SemDeDup, {DIM}-d, eps={EPS}, keep={args.keep} (k-means + pairwise in clusters over Ray)", rows,
                    180.0)  # fmt: skip
         if args.only in (None, "minhash"):
-            rows = [bench_minhash(n, cpus) for n in sizes]
+            rows = [bench_minhash(n, cpus, not args.no_peer) for n in sizes]
             report(f"MinHash LSH, 5-grams, 14 bands x 8 rows, threshold 0.7 ({cpus} Ray tasks for signatures)", rows,
                    300.0)  # fmt: skip
     finally:
