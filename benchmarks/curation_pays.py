@@ -58,7 +58,9 @@ def main() -> int:
     generate_sample(work / "sample", seed=0, **sizes)
     generate_sample(work / "heldout-sample", seed=1, **sizes)
     filtering = "score" in STAGES and "filter" in STAGES
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    # with the dashboard, as the runner starts Ray by default: Ray Train's placement-group cleaner watches its
+    # controller through the state API the dashboard serves, and warns every few seconds without it
+    ray.init(address="local", include_dashboard=True, logging_level="WARNING")
     try:
         uncurated = run_pipeline(media_folder(work / "sample", work / "media-all", lambda r: True),
                                  work / "uncurated", ["crawl"])  # fmt: skip

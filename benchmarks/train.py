@@ -59,7 +59,9 @@ def main() -> int:
     from curation.train.model import build_model, configure_trainable
 
     work = Path(tempfile.mkdtemp(prefix="curation-train-bench-"))
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    # with the dashboard, as the runner starts Ray by default: Ray Train's placement-group cleaner watches its
+    # controller through the state API the dashboard serves, and warns every few seconds without it
+    ray.init(address="local", include_dashboard=True, logging_level="WARNING")
     try:
         release = Path(args.release) if args.release else _small_release(work, args.n_image)
         refs = index_shards(sorted(release.glob("*.tar")))
@@ -87,6 +89,9 @@ def main() -> int:
     print(f"train benchmark: stage {args.stage}, {len(refs)} samples, {args.steps} steps x {args.global_batch} "
           f"samples, {args.workers} workers on {device}")  # fmt: skip
     print(f"  samples/s (median of steps 2..{len(rows)}): {sps:.2f}")
+    if all("data_wait_seconds" in r for r in steady):  # rank 0's wait for its data loader, a share of its steps
+        waited = sum(r["data_wait_seconds"] for r in steady) / sum(r["seconds"] for r in steady)
+        print(f"  rank 0 waited for its data loader {waited:.0%} of steps 2..{len(rows)}")
     print(f"  bound: bare step on in-memory batches x {args.workers} workers: {bare * args.workers:.2f} samples/s; "
           f"ratio {sps / (bare * args.workers):.2f}")  # fmt: skip
     print(f"  tokens/s: {tokens_per_s:.0f}; parameters: {trainable:,} trained, {frozen_lm:,} frozen in the LM; "

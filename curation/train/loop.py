@@ -205,9 +205,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     fail_at = loop_config.get("fail_at", 0)
     for step in range(start, total):
         t0 = time.perf_counter()
+        waited = 0.0  # this rank's wait for its data loader
         stats = torch.zeros(3, device=device)  # loss sum, samples, tokens: one all-reduce for the step's metrics
         for micro in range(accum):
+            t_data = time.perf_counter()
             batch = next(batches)
+            waited += time.perf_counter() - t_data
             media = {m: (i.to(device), x.to(device)) for m, (i, x) in batch["media"].items()}
             sync = micro == accum - 1
             with wrapped.no_sync() if world > 1 and not sync and hasattr(wrapped, "no_sync") else _null():
@@ -235,7 +238,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             row = {"step": done, "loss": round(loss_sum / (accum * world), 6),
                    "lr": scheduler.get_last_lr()[0], "samples_per_s": round(samples / seconds, 3),
-                   "samples": int(samples), "tokens": int(tokens), "seconds": round(seconds, 4)}  # fmt: skip
+                   "samples": int(samples), "tokens": int(tokens), "seconds": round(seconds, 4),
+                   "data_wait_seconds": round(waited, 4)}  # fmt: skip
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             if checkpoint:

@@ -41,6 +41,7 @@ def test_train_stage_both_stages_loss_falls(small_release, tmp_path):
         rows = metrics(run_dir / "train" / stage)
         assert [r["step"] for r in rows] == list(range(1, 7))
         assert all({"step", "loss", "lr", "samples_per_s"} <= set(r) for r in rows)
+        assert all(0 <= r["data_wait_seconds"] <= r["seconds"] for r in rows)
         assert rows[-1]["loss"] < rows[0]["loss"], (stage, [r["loss"] for r in rows])
         assert (latest_checkpoint(run_dir / "train" / stage) / "trainable.safetensors").is_file()
         assert json.loads((run_dir / "train" / stage / "train_config.json").read_text())["stage"] == stage
