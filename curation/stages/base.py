@@ -87,6 +87,17 @@ def read_ipc(data: bytes) -> pa.Table | None:
     return pa.ipc.open_stream(data).read_all() if data else None
 
 
+def read_kept(run_dir: str | Path, shard: str, uids: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The records of crawl shard ``shard`` whose uid is in ``uids``, in shard order: the same table as that shard's
+    entry of :meth:`Stage.kept_records` when ``uids`` are its uids. Tasks read their own shard with it, so that the
+    driver holds and sends only the uids."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(run_dir) / "crawl" / "shards" / f"{shard}.parquet")
+    return table.filter(pc.is_in(table.column("uid"), value_set=uids))
+
+
 def _run_items(batch: dict[str, Any], fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Ray Data batch function of :func:`map_shards`: ``fn`` over each row of ``batch``."""
     keys = list(batch)

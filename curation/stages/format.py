@@ -35,7 +35,7 @@ from curation.instruct import (
     tokenizer_fingerprint,
 )
 from curation.ledger import kept_row, rejected_row, write_part
-from curation.stages.base import TASKS_FROM_RECORDS, Stage, ipc_bytes, log, map_shards, read_ipc
+from curation.stages.base import TASKS_FROM_RECORDS, Stage, ipc_bytes, log, map_shards, read_ipc, read_kept
 
 TURNS = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
 IDS = pa.list_(pa.int32())
@@ -104,12 +104,13 @@ def _task_tokenizer(path: str) -> Any:
     return load_tokenizer(path)
 
 
-def _format_task(shard: str, records: bytes, stage: FormatStage) -> dict[str, Any]:
-    """One Ray task of :func:`map_shards`: format a crawl shard's kept records (an Arrow IPC stream), mark it
-    done."""
+def _format_task(shard: str, uids: bytes, stage: FormatStage) -> dict[str, Any]:
+    """One Ray task of :func:`map_shards`: format a crawl shard's kept records (``uids``: theirs, an Arrow IPC
+    stream; the task reads the records), mark it done."""
     cfg = stage.config.format
     formatter = InstructionFormatter(cfg, _task_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None)
-    summary = stage.format_shard(shard, read_ipc(records), formatter)
+    records = read_kept(stage.ctx.run_dir, shard, read_ipc(uids).column("uid"))
+    summary = stage.format_shard(shard, records, formatter)
     stage.mark_shard_done(shard, summary)
     return {**summary, "shard": shard}
 
@@ -133,7 +134,7 @@ class FormatStage(Stage):
                 tokenizer = load_tokenizer(cfg.tokenizer)
             except (OSError, ValueError) as e:
                 raise ConfigError([f"format.tokenizer: cannot load {cfg.tokenizer}: {e}"]) from e
-        records = self.kept_records()
+        records = self.kept_records(columns=["uid"])  # the rest is read a shard at a time
         pending = [s for s in records if not self.is_shard_done(s)]
         log.info("format: %d shards, %d already complete", len(records), len(records) - len(pending))
         todo = sum(records[s].num_rows for s in pending)
@@ -141,14 +142,15 @@ class FormatStage(Stage):
             # formatting and tokenizing are Python and a tokenizer's work: on the driver they use one core of the
             # cluster (benchmarks/format.py: 200,000 pre-tokenized records took 76.5 s there, 44.2 s as tasks on
             # 2 cores)
-            items = [{"shard": s, "records": ipc_bytes(records[s])} for s in pending]
+            items = [{"shard": s, "uids": ipc_bytes(records[s])} for s in pending]
             for n, s in enumerate(map_shards(_format_task, items, cfg.num_cpus, cfg.parallelism, stage=self), 1):
                 log.info("format: shard %s (%d/%d): %d kept, %d rejected", s["shard"], n, len(pending), s["kept"],
                          s["rejected"])  # fmt: skip
         else:
             formatter = InstructionFormatter(cfg, tokenizer)
             for shard in pending:
-                self.mark_shard_done(shard, self.format_shard(shard, records[shard], formatter))
+                table = read_kept(self.ctx.run_dir, shard, records[shard].column("uid"))
+                self.mark_shard_done(shard, self.format_shard(shard, table, formatter))
         totals: Counter = Counter()
         reasons: Counter = Counter()
         generators: Counter = Counter()

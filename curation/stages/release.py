@@ -43,7 +43,7 @@ from curation.release.shards import (
     render_samples,
 )
 from curation.schemas import SCHEMA_DIR
-from curation.stages.base import TASKS_FROM_RECORDS, Stage, ipc_bytes, log, map_shards, read_ipc
+from curation.stages.base import TASKS_FROM_RECORDS, Stage, ipc_bytes, log, map_shards, read_ipc, read_kept
 
 # where a release is published and how many tasks write it do not change what the release is
 EXECUTION_KEYS = ("out", "storage_options", "parallelism", "num_cpus")
@@ -57,12 +57,12 @@ def _write_task(shard: str, crawl_shards: str, run_dir: str, release_dir: str, e
     return summary
 
 
-def _render_task(crawl_shard: str, records: bytes, scores: bytes, formatted_dir: str, out_dir: str):
-    """One Ray task of :func:`map_shards`: render a crawl shard's samples (``records`` and ``scores`` as Arrow IPC
-    streams) into ``out_dir/<crawl_shard>.parquet``."""
-    table = render_samples(
-        crawl_shard, read_ipc(records), Path(formatted_dir) / f"{crawl_shard}.parquet", read_ipc(scores)
-    )
+def _render_task(crawl_shard: str, uids: bytes, scores: bytes, run_dir: str, out_dir: str):
+    """One Ray task of :func:`map_shards`: render the samples of a crawl shard's kept records (``uids`` and their
+    ``scores`` as Arrow IPC streams; the task reads the records) into ``out_dir/<crawl_shard>.parquet``."""
+    records = read_kept(run_dir, crawl_shard, read_ipc(uids).column("uid"))
+    formatted = Path(run_dir) / "format" / "shards" / f"{crawl_shard}.parquet"
+    table = render_samples(crawl_shard, records, formatted, read_ipc(scores))
     with atomic_path(Path(out_dir) / f"{crawl_shard}.parquet") as tmp:
         pq.write_table(table, tmp)
     return {"crawl_shard": crawl_shard, "samples": table.num_rows}
@@ -191,7 +191,7 @@ class ReleaseStage(Stage):
         import ray
 
         cfg = self.config.release
-        records = self.kept_records()
+        records = self.kept_records(columns=["uid"])  # the rest is read a crawl shard at a time
         scores = {}
         if score_columns:
             kept = ledger.filter(pc.equal(ledger.column("status"), "kept")).select(["uid", *score_columns])
@@ -201,12 +201,13 @@ class ReleaseStage(Stage):
         formatted, plan_dir = self.ctx.run_dir / "format" / "shards", self.dir / "_work" / "plan"
         todo = sum(t.num_rows for t in records.values())
         if len(records) < 2 or cfg.parallelism == 1 or todo < TASKS_FROM_RECORDS or not ray.is_initialized():
+            records = {s: read_kept(self.ctx.run_dir, s, t.column("uid")) for s, t in records.items()}
             return plan_release(records, formatted, scores, plan_dir, cfg.max_shard_samples, cfg.max_shard_bytes)
         rendered_dir = self.dir / "_work" / "rendered"
         items = [
-            {"crawl_shard": s, "records": ipc_bytes(t), "scores": ipc_bytes(scores.get(s))} for s, t in records.items()
+            {"crawl_shard": s, "uids": ipc_bytes(t), "scores": ipc_bytes(scores.get(s))} for s, t in records.items()
         ]
-        kwargs = {"formatted_dir": str(formatted), "out_dir": str(rendered_dir)}
+        kwargs = {"run_dir": str(self.ctx.run_dir), "out_dir": str(rendered_dir)}
         # a core a task: rendering is Python throughout (the shard writers, mostly reading and writing, take less)
         for n, s in enumerate(map_shards(_render_task, items, 1.0, cfg.parallelism, **kwargs), 1):
             log.info("release: rendered crawl shard %s (%d/%d): %d samples", s["crawl_shard"], n, len(items),
