@@ -194,7 +194,7 @@ class DedupStage(Stage):
     def run(self, input_stage: str = "crawl") -> dict[str, Any]:
         cfg = self.config.dedup
         started = time.time()
-        kept = self.kept_records()
+        kept = self.kept_records(columns=["uid", "modality", "shard"])  # the tasks read their shards
         shards = [s for s, t in kept.items() if t.num_rows]
         self.fingerprint_shards(shards)
         # every kept record in input order (crawl shards are in input order, and so are their rows)

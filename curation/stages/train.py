@@ -63,7 +63,7 @@ class TrainStage(Stage):
             log.info("train: %s: %s", name, summary[name])
             previous = latest_checkpoint(out)
 
-        records = self.kept_records()
+        records = self.kept_records(columns=["uid"])
         given = [uid for table in records.values() for uid in table.column("uid").to_pylist()]
         write_part(self.ledger_path("train"), [kept_row(uid, self.name) for uid in given])
         return {"input": len(given), "kept": len(given), "rejected": 0, "samples": len(refs), **summary}
