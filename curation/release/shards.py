@@ -198,9 +198,9 @@ def read_plan(plan_dir: Path, crawl_shards: list[str], shard: str | None = None)
     """Plan rows of ``crawl_shards`` in release order; only those of ``shard`` when given."""
     rows = []
     for crawl_shard in crawl_shards:
-        rows += [
-            r for r in pq.read_table(plan_dir / f"{crawl_shard}.parquet").to_pylist() if shard in (None, r["shard"])
-        ]
+        # the filter drops other shards' rows in Arrow, before they become Python dicts
+        filters = None if shard is None else [("shard", "=", shard)]
+        rows += pq.read_table(plan_dir / f"{crawl_shard}.parquet", filters=filters).to_pylist()
     return rows
 
 
