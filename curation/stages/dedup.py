@@ -198,7 +198,7 @@ class DedupStage(Stage):
         shards = [s for s, t in kept.items() if t.num_rows]
         self.fingerprint_shards(shards)
         # every kept record in input order (crawl shards are in input order, and so are their rows)
-        records = pa.concat_tables([kept[s].select(["uid", "modality", "shard"]) for s in kept]) if kept else None
+        records = pa.concat_tables(list(kept.values())) if kept else None
         if records is None or records.num_rows == 0:
             for shard in sorted((self.ctx.run_dir / "crawl" / "shards").glob("*.parquet")):
                 write_part(self.ledger_path(shard.stem), [])
